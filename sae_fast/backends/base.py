@@ -1,0 +1,157 @@
+"""The sparse kernel interface, implemented in plain torch.
+
+``SparseBackend`` is both the contract every fused backend fills in and the ``torch`` backend: any
+device, memory bounded by a chunk of latents (the (B, n) pre-activations are never materialised), but
+unfused. ``cpu`` and ``triton`` subclass it and override the primitives they implement natively.
+
+Primitives (shapes as in reference.py; ``pre`` are pre-activations of the selected entries):
+    topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> pre (B,k), idx, aux_pre (B,k_aux)|None, aux_idx|None
+    threshold_select(x, W_enc, b_enc, b_dec, cutoff (n,)) -> pre (B,K), idx (B,K): every entry with p > cutoff
+    batch_topk_select(x, W_enc, b_enc, b_dec, k) -> pre (B,K), idx (B,K): the batch's B*k largest p
+    sparse_decode(values, idx, W, bias) -> (B, d)
+    gather_dot(g, idx, W) -> (B, K): <g[b], W[idx[b, j]]>
+    latent_backward(idx, n, dp, xc, v, g) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
+        dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b];  db_enc[i] = sum dp[b,j];  dW_dec[i] = sum v[b,j] * g[b]
+Variable-length lists are padded with (pre = -inf, idx = 0), so every activation maps padding to 0.
+bf16/fp16 inputs are computed in fp32 (scores, sums); results come back in the inputs' dtype; indices are int32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+
+INDEX_DTYPE = reference.INDEX_DTYPE
+
+
+def acc(t: Tensor) -> Tensor:
+    """Low-precision storage is computed in fp32 (kernels accumulate in fp32); fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _latent_chunk(B: int) -> int:
+    # About 16 MiB of fp32 scores per chunk: large enough for an efficient matmul, small enough to bound memory.
+    return max(256, (1 << 22) // max(B, 1))
+
+
+def _merge_topk(best_v: Tensor | None, best_i: Tensor | None, v: Tensor, i: Tensor, k: int):
+    """Running top-k merge. Earlier (lower-index) candidates come first, so position order is index order
+    among equal scores and ``reference.topk_indices``'s lower-position tie rule gives lower-index ties."""
+    if best_v is not None:
+        v = torch.cat([best_v, v], dim=1)
+        i = torch.cat([best_i, i], dim=1)
+    keep = reference.topk_indices(v, min(k, v.shape[1]))
+    return v.gather(1, keep), i.gather(1, keep)
+
+
+def pad_rows(rows: Tensor, cols: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
+    """Turn (row, col, value) triples sorted by row then col into padded (B, K) lists (-inf, 0 padding)."""
+    counts = torch.bincount(rows, minlength=B)
+    K = max(int(counts.max()) if rows.numel() else 0, 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    pre = torch.full((B, K), float("-inf"), dtype=vals.dtype, device=vals.device)
+    idx = torch.zeros((B, K), dtype=INDEX_DTYPE, device=vals.device)
+    pre[rows, slot] = vals
+    idx[rows, slot] = cols.to(INDEX_DTYPE)
+    return pre, idx
+
+
+class SparseBackend:
+    """The ``torch`` backend: chunked, memory-bounded, unfused. Subclasses override what they do natively."""
+
+    name = "torch"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def _chunks(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor):
+        xc = acc(x) - acc(b_dec)
+        n, step = W_enc.shape[0], _latent_chunk(x.shape[0])
+        for c0 in range(0, n, step):
+            c1 = min(c0 + step, n)
+            yield c0, c1, torch.addmm(acc(b_enc[c0:c1]), xc, acc(W_enc[c0:c1]).T)
+
+    # ------------------------------------------------------------------ encoders
+    def topk_select(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
+        bv, bi, av, ai = self._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        cast = (lambda t: None if t is None else t.to(x.dtype))
+        return cast(bv), bi, cast(av), ai
+
+    def _topk_acc(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
+        """topk_select with scores left in the accumulation dtype."""
+        B = x.shape[0]
+        bv = bi = av = ai = None
+        for c0, c1, p in self._chunks(x, W_enc, b_enc, b_dec):
+            ids = torch.arange(c0, c1, device=x.device, dtype=INDEX_DTYPE).expand(B, -1)
+            bv, bi = _merge_topk(bv, bi, p, ids, k)
+            if k_aux:
+                p_dead = p.masked_fill(~dead_mask[c0:c1], float("-inf"))
+                av, ai = _merge_topk(av, ai, p_dead, ids, k_aux)
+        return bv, bi, av, ai
+
+    def threshold_select(self, x, W_enc, b_enc, b_dec, cutoff):
+        parts = []
+        for c0, c1, p in self._chunks(x, W_enc, b_enc, b_dec):
+            rows, cols = (p > cutoff[c0:c1]).nonzero(as_tuple=True)
+            parts.append((rows, cols + c0, p[rows, cols].to(x.dtype)))
+        rows, cols, vals = (torch.cat(t) for t in zip(*parts))
+        order = torch.sort(rows, stable=True).indices  # by row; chunks already ascend in latent order
+        return pad_rows(rows[order], cols[order], vals[order], x.shape[0])
+
+    def batch_topk_select(self, x, W_enc, b_enc, b_dec, k):
+        # Exact global top B*k from per-row candidates: if some row has all m of its candidates among the
+        # winners, it might hold more, so grow m and retry. Otherwise every entry left out of the
+        # candidates ranks below a candidate that lost, so the winners among candidates are the true ones.
+        B, n = x.shape[0], W_enc.shape[0]
+        total = min(B * k, B * n)
+        m = min(n, 2 * k)
+        while True:
+            pre, idx, _, _ = self._topk_acc(x, W_enc, b_enc, b_dec, m)
+            # Global order: value descending, then flat index (row * n + latent) ascending.
+            flat = torch.arange(B, device=x.device)[:, None] * n + idx.long()
+            order = torch.sort(flat.reshape(-1)).indices  # candidates by flat index
+            vals_sorted = pre.reshape(-1)[order]
+            win_sorted = reference.topk_indices(vals_sorted[None], total)[0]
+            win = torch.zeros(B * m, dtype=torch.bool, device=x.device)
+            win[order[win_sorted]] = True
+            win = win.view(B, m)
+            if m == n or not win[:, -1].any():
+                break
+            m = min(n, 2 * m)
+        rows, slots = win.nonzero(as_tuple=True)
+        cols = idx[rows, slots].long()
+        order = torch.sort(rows * n + cols).indices
+        return pad_rows(rows[order], cols[order], pre[rows, slots][order].to(x.dtype), B)
+
+    # ------------------------------------------------------------------ decoder
+    def sparse_decode(self, values, idx, W, bias=None):
+        Wa = acc(W)
+        out = F.embedding_bag(idx, Wa, per_sample_weights=values.to(Wa.dtype), mode="sum")
+        out = out if bias is None else out + acc(bias)
+        return out.to(W.dtype)
+
+    def gather_dot(self, g, idx, W):
+        Wa = acc(W)
+        return torch.bmm(Wa[idx.long()], g.to(Wa.dtype).unsqueeze(-1)).squeeze(-1).to(W.dtype)
+
+    # ------------------------------------------------------------------ backward
+    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
+        B, K = idx.shape
+        flat = idx.reshape(-1).long()
+        rows = torch.arange(B, device=idx.device).repeat_interleave(K)
+        dW_enc = db_enc = dW_dec = None
+        if dp is not None:
+            dpf, xa = acc(dp).reshape(-1), acc(xc)
+            db_enc = torch.zeros(n, dtype=xa.dtype, device=xa.device).index_add_(0, flat, dpf.to(xa.dtype))
+            dW_enc = torch.zeros(n, xa.shape[1], dtype=xa.dtype, device=xa.device)
+            dW_enc.index_add_(0, flat, dpf[:, None] * xa[rows])
+            dW_enc, db_enc = dW_enc.to(xc.dtype), db_enc.to(xc.dtype)
+        if v is not None:
+            ga = acc(g)
+            dW_dec = torch.zeros(n, ga.shape[1], dtype=ga.dtype, device=ga.device)
+            dW_dec.index_add_(0, flat, acc(v).reshape(-1, 1) * ga[rows])
+            dW_dec = dW_dec.to(g.dtype)
+        return dW_enc, db_enc, dW_dec

@@ -1,0 +1,386 @@
+"""Differentiable sparse-autoencoder ops and the one place that chooses a backend.
+
+Backends:
+    reference  reference.py differentiated by torch autograd: dense (B, n) pre-activations; the spec.
+    torch      plain-torch sparse primitives (backends/base.py), chunked over latents, any device.
+    cpu        sae_fast._C, C++/OpenMP kernels for CPU tensors.
+    triton     Triton kernels for CUDA tensors (CPU tensors only when forced, under TRITON_INTERPRET=1).
+
+Default per device: cpu tensors -> cpu; cuda tensors -> triton; anything else -> torch.
+Force one with ``SAE_FAST_BACKEND=<name>`` or ``with sae_fast.use_backend("<name>"):``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends.base import SparseBackend
+
+
+# ============================================================================ registry and dispatch
+class ReferenceBackend:
+    """Marker: ops run reference.py directly and let autograd differentiate the dense math."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+
+_BACKENDS: dict[str, object] = {}
+_DEFAULT_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sae_fast_backend", default=None)
+
+
+def register_backend(backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that imported on this machine."""
+    return list(_BACKENDS)
+
+
+def _lookup(name: str):
+    if name not in _BACKENDS:
+        raise ValueError(f"backend {name!r} is not available here; available backends: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend for the ops called inside the block (overrides ``SAE_FAST_BACKEND``)."""
+    _lookup(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def get_backend(device: torch.device | str):
+    """The backend ops will use for tensors on ``device``."""
+    device = torch.device(device)
+    name = _forced.get() or os.environ.get("SAE_FAST_BACKEND") or None
+    if name:
+        backend = _lookup(name)
+        if not backend.supports(device):
+            raise ValueError(f"backend {name!r} cannot run on device {device.type!r}; "
+                             f"available backends: {', '.join(_BACKENDS)}")
+        return backend
+    for candidate in _DEFAULT_ORDER.get(device.type, ()) + ("torch",):
+        backend = _BACKENDS.get(candidate)
+        if backend is not None and backend.supports(device):
+            return backend
+    return _BACKENDS["reference"]
+
+
+register_backend(ReferenceBackend())
+register_backend(SparseBackend())
+try:  # The C++ module is built by setup.py; a source checkout without a build still works (torch backend).
+    from .backends.cpu import CpuBackend
+    register_backend(CpuBackend())
+except ImportError:
+    pass
+try:
+    from .backends.triton import TritonBackend
+    register_backend(TritonBackend())
+except ImportError:
+    pass
+
+
+# ============================================================================ input checks
+_check_finite = os.environ.get("SAE_FAST_CHECK_FINITE", "1") != "0"
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Turn the NaN/inf check on inputs on or off (one pass over x; on by default)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def _fmt(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+def _check_float(name: str, t, shape: tuple, dtype=None, device=None) -> None:
+    """``shape`` entries are ints, or None for 'any size'."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got {_fmt(t)}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {want}; got {_fmt(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} like x; got {_fmt(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; put all tensors on one device")
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor of activations; got {_fmt(x)}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be a 2-D (batch, d_in) tensor; got {_fmt(x)}")
+    if x.shape[0] == 0:
+        raise ValueError("x must have at least one row; got an empty batch")
+    if _check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
+                         "sae_fast.ops.set_check_finite(False))")
+
+
+def _check_encoder(x, W_enc, b_enc, b_dec) -> None:
+    _check_x(x)
+    d = x.shape[1]
+    _check_float("W_enc", W_enc, (None, d), x.dtype, x.device)
+    n = W_enc.shape[0]
+    _check_float("b_enc", b_enc, (n,), x.dtype, x.device)
+    _check_float("b_dec", b_dec, (d,), x.dtype, x.device)
+
+
+def _check_k(name: str, k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int; got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must be between 1 and n_latents={n}; got {k}")
+
+
+def _check_code(values, indices, W_dec, b_dec) -> None:
+    _check_float("values", values, (None, None))
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64; got {_fmt(indices)}")
+    if indices.shape != values.shape:
+        raise ValueError(f"indices must have the shape of values {tuple(values.shape)}; got {_fmt(indices)}")
+    if indices.device != values.device:
+        raise ValueError(f"indices is on {indices.device} but values is on {values.device}")
+    _check_float("W_dec", W_dec, (None, None), values.dtype, values.device)
+    n, d = W_dec.shape
+    if b_dec is not None:
+        _check_float("b_dec", b_dec, (d,), values.dtype, values.device)
+    if indices.numel():  # A kernel must never read out of bounds: always checked.
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"indices must lie in [0, n_latents={n}); got values in [{lo}, {hi}]")
+
+
+# ============================================================================ autograd Functions
+class _Select(torch.autograd.Function):
+    """Select entries of p = (x - b_dec) @ W_enc.T + b_enc without forming p; returns (pre, idx)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, backend, mode, arg):
+        if mode == "topk":
+            pre, idx, _, _ = backend.topk_select(x, W_enc, b_enc, b_dec, arg)
+        elif mode == "threshold":
+            pre, idx = backend.threshold_select(x, W_enc, b_enc, b_dec, arg)
+        else:
+            pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, arg)
+        ctx.backend = backend
+        ctx.save_for_backward(x, W_enc, b_dec, pre, idx)
+        ctx.mark_non_differentiable(idx)
+        return pre, idx
+
+    @staticmethod
+    def backward(ctx, d_pre, _):
+        x, W_enc, b_dec, pre, idx = ctx.saved_tensors
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+        dp = torch.where(torch.isfinite(pre), d_pre, 0.0)  # padding entries (-inf) carry no gradient
+        dW_enc = db_enc = dx = None
+        if need_W or need_b_enc:
+            dW_enc, db_enc, _ = ctx.backend.latent_backward(idx, W_enc.shape[0], dp=dp, xc=x - b_dec)
+        if need_x or need_b_dec:
+            dx = ctx.backend.sparse_decode(dp, idx, W_enc)
+        db_dec = -dx.sum(0) if need_b_dec else None
+        return dx if need_x else None, dW_enc, db_enc, db_dec, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, idx, W_dec, b_dec, backend):
+        ctx.backend = backend
+        ctx.has_bias = b_dec is not None
+        ctx.save_for_backward(values, idx, W_dec)
+        return backend.sparse_decode(values, idx, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, g):
+        values, idx, W_dec = ctx.saved_tensors
+        need_v, _, need_W, need_b = ctx.needs_input_grad[:4]
+        g = g.contiguous()
+        dv = ctx.backend.gather_dot(g, idx, W_dec) if need_v else None
+        dW_dec = ctx.backend.latent_backward(idx, W_dec.shape[0], v=values, g=g)[2] if need_W else None
+        db_dec = g.sum(0) if (need_b and ctx.has_bias) else None
+        return dv, None, dW_dec, db_dec, None
+
+
+class _TopKSAE(torch.autograd.Function):
+    """TopK encode + decode in one node, so the backward makes one latent-sorted pass for dW_enc, db_enc
+    and dW_dec together. Optionally also selects the top-k_aux dead latents (AuxK) in the same pass."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead_mask, k_aux, backend):
+        pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        values = torch.relu(pre)
+        x_hat = backend.sparse_decode(values, idx, W_dec, b_dec)
+        ctx.backend, ctx.n, ctx.k_aux = backend, W_enc.shape[0], k_aux
+        if not k_aux:
+            aux_pre = aux_idx = torch.empty(x.shape[0], 0, dtype=x.dtype, device=x.device)
+            aux_idx = aux_idx.to(reference.INDEX_DTYPE)
+        aux_values = torch.relu(aux_pre)
+        ctx.save_for_backward(x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return values, idx, x_hat, aux_values, aux_idx
+
+    @staticmethod
+    def backward(ctx, d_values, _, g, d_aux_values, __):
+        x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
+        backend = ctx.backend
+        g = torch.zeros_like(x) if g is None else g.contiguous()
+        dv = backend.gather_dot(g, idx, W_dec)
+        if d_values is not None:
+            dv = dv + d_values
+        dp = dv * (pre > 0)
+        v = values
+        if ctx.k_aux and d_aux_values is not None:
+            # AuxK gradients reach W_enc through the aux pre-activations; their dW_dec comes from the aux decode.
+            dp = torch.cat([dp, d_aux_values * (aux_pre > 0)], dim=1)
+            idx = torch.cat([idx, aux_idx], dim=1)
+            v = torch.cat([values, torch.zeros_like(aux_pre)], dim=1)
+        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
+        dW_enc = db_enc = dW_dec = dx = None
+        if need_W_enc or need_b_enc or need_W_dec:
+            dW_enc, db_enc, dW_dec = backend.latent_backward(
+                idx, ctx.n, dp=dp, xc=x - b_dec, v=v if need_W_dec else None, g=g)
+        if need_x or need_b_dec:
+            dx = backend.sparse_decode(dp, idx, W_enc)
+        db_dec = g.sum(0) - dx.sum(0) if need_b_dec else None
+        return (dx if need_x else None, dW_enc if need_W_enc else None, db_enc if need_b_enc else None,
+                dW_dec, db_dec, None, None, None, None)
+
+
+# ============================================================================ public ops
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """TopK encode: ``values (B, k)`` (ReLU of the k largest pre-activations per row, descending) and
+    ``indices (B, k)`` int32. Differentiable in x, W_enc, b_enc and b_dec."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    _check_k("k", k, W_enc.shape[0])
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        return reference.topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "topk", k)
+    return torch.relu(pre), idx
+
+
+def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """ReLU encode as a sparse code (only active entries; see reference.py for the layout)."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        return reference.relu(reference.pre_activations(x, W_enc, b_enc, b_dec))
+    cutoff = torch.zeros_like(b_enc)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+    return torch.relu(pre), idx
+
+
+def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, theta: Tensor,
+                    bandwidth: float = 1e-3, return_l0: bool = False):
+    """JumpReLU encode, ``f = p * (p > theta)``; theta (n,) > 0 gets straight-through gradients.
+
+    With ``return_l0`` also returns the mean number of active latents per row, differentiable in theta
+    through the step function's estimator (JumpReLU's sparsity loss)."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    _check_float("theta", theta, (W_enc.shape[0],), x.dtype, x.device)
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
+        values, idx = reference.jumprelu(pre, theta, bandwidth)
+        l0 = reference.l0_step(pre, theta, bandwidth)
+    else:
+        # List every entry inside the estimator's window too, so theta's gradient sees them.
+        cutoff = theta.detach() - bandwidth / 2
+        pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+        theta_listed = theta[idx.long()]
+        values = reference.JumpReLUFn.apply(pre, theta_listed, bandwidth)
+        l0 = reference.StepFn.apply(pre, theta_listed, bandwidth).sum(-1).mean()
+    return (values, idx, l0) if return_l0 else (values, idx)
+
+
+def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK encode (training): the B*k largest pre-activations of the whole batch, ReLU'd."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    _check_k("k", k, W_enc.shape[0])
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        return reference.batch_topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "batchtopk", k)
+    return torch.relu(pre), idx
+
+
+def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """BatchTopK at inference: ``p * (p > threshold)`` with one global threshold."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        return reference.threshold_relu(reference.pre_activations(x, W_enc, b_enc, b_dec), threshold)
+    cutoff = torch.full_like(b_enc, max(float(threshold), 0.0))
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+    return torch.relu(pre), idx
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """``x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec``; differentiable in values, W_dec, b_dec."""
+    _check_code(values, indices, W_dec, b_dec)
+    backend = get_backend(values.device)
+    if isinstance(backend, ReferenceBackend):
+        return reference.sparse_decode(values, indices, W_dec, b_dec)
+    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, backend)
+
+
+class TopKSAEResult(NamedTuple):
+    values: Tensor       # (B, k) ReLU'd top-k pre-activations, descending
+    indices: Tensor      # (B, k) int32
+    x_hat: Tensor        # (B, d) reconstruction
+    aux_values: Tensor   # (B, k_aux) top-k_aux over dead latents (AuxK), or (B, 0)
+    aux_indices: Tensor  # (B, k_aux) int32, or (B, 0)
+
+
+def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
+             dead_mask: Tensor | None = None, k_aux: int = 0) -> TopKSAEResult:
+    """A whole TopK SAE forward in one differentiable op (one fused backward pass on fused backends).
+
+    With ``dead_mask`` (n,) bool and ``k_aux`` > 0 it also returns the top-min(k_aux, #dead) dead latents
+    per row, for the AuxK loss."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    n = W_enc.shape[0]
+    _check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
+    _check_k("k", k, n)
+    if dead_mask is not None and k_aux:
+        if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (n,):
+            raise TypeError(f"dead_mask must be a bool tensor of shape ({n},)")
+        k_aux = min(int(k_aux), int(dead_mask.sum()))
+    else:
+        k_aux = 0
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
+        values, idx = reference.topk(pre, k)
+        x_hat = reference.sparse_decode(values, idx, W_dec, b_dec)
+        if k_aux:
+            aux_values, aux_idx = reference.dead_topk(pre, dead_mask.to(x.device), k_aux)
+        else:
+            aux_values = x.new_zeros(x.shape[0], 0)
+            aux_idx = torch.zeros(x.shape[0], 0, dtype=reference.INDEX_DTYPE, device=x.device)
+        return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
+    mask = dead_mask.to(x.device) if k_aux else None
+    return TopKSAEResult(*_TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux, backend))

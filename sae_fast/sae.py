@@ -1,0 +1,270 @@
+"""SparseAutoencoder: an nn.Module over the fused ops.
+
+    p      = (x - b_dec) @ W_enc.T + b_enc            (B, n), never formed on fused backends
+    f      = activation(p) as (values, indices)         topk | batchtopk | relu | jumprelu
+    x_hat  = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec
+
+Losses (all reported; ``loss`` is what to backpropagate):
+    topk, batchtopk   loss = fvu + aux_coeff * aux_loss      (AuxK on dead latents, Gao et al. 2024)
+    relu              loss = mse + l1_coeff * l1              (l1 = sum_i f_i ||W_dec_i||, Anthropic 2024)
+    jumprelu          loss = mse + l0_coeff * l0              (L0 through a straight-through estimator)
+``mse`` is the squared error summed over d and averaged over tokens; ``fvu`` normalises it by the
+variance of x, so it is comparable across layers and models.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+
+Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    """Width of the activations the SAE reads."""
+    n_latents: int
+    """Number of dictionary features."""
+    activation: Activation = "topk"
+    """Sparsity mechanism: topk | batchtopk | relu (with decoder-norm-weighted L1) | jumprelu."""
+    k: int = 32
+    """Active latents per token for topk; average per token for batchtopk."""
+    l1_coeff: float = 5.0
+    """relu: weight of the L1 penalty sum_i f_i ||W_dec_i||."""
+    l0_coeff: float = 1.0
+    """jumprelu: weight of the L0 penalty."""
+    jumprelu_bandwidth: float = 1e-3
+    """jumprelu: width of the straight-through estimator's rectangle kernel."""
+    jumprelu_init_threshold: float = 1e-3
+    """jumprelu: initial per-latent threshold."""
+    k_aux: Optional[int] = None
+    """AuxK: dead latents used to model the residual per token (default d_in // 2; 0 turns AuxK off)."""
+    aux_coeff: float = 1 / 32
+    """AuxK: weight of the auxiliary loss."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+
+    def __post_init__(self):
+        for name in ("d_in", "n_latents"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
+        if self.k_aux is None:
+            self.k_aux = self.d_in // 2
+        if self.k_aux < 0:
+            raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
+            raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Tensor      # (..., d_in) reconstruction
+    values: Tensor     # (..., K) activations of the selected latents (0 = inactive)
+    indices: Tensor    # (..., K) int32 latent ids
+    loss: Tensor       # scalar to backpropagate
+    mse: Tensor        # squared error per token
+    fvu: Tensor        # fraction of variance unexplained
+    aux_loss: Tensor   # AuxK loss (0 when unused)
+    l1: Tensor         # decoder-norm-weighted L1 per token
+    l0: Tensor         # mean active latents per token
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder whose encode/decode run on sae_fast's fused kernels.
+
+    >>> sae = SparseAutoencoder(d_in=768, n_latents=32768, activation="topk", k=32)
+    >>> out = sae(x); out.loss.backward()
+    """
+
+    def __init__(self, d_in: int | None = None, n_latents: int | None = None, activation: Activation = "topk",
+                 *, cfg: SAEConfig | None = None, device=None, dtype=None, seed: int | None = None, **kwargs):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
+        n, d = self.cfg.n_latents, self.cfg.d_in
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(n, d, generator=gen, dtype=torch.float32)
+        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec = nn.Parameter(W_dec.to(**factory))
+        self.W_enc = nn.Parameter(W_dec.clone().to(**factory))  # tied at init, trained apart
+        self.b_enc = nn.Parameter(torch.zeros(n, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d, **factory))
+        if self.cfg.activation == "jumprelu":
+            init = math.log(self.cfg.jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(torch.full((n,), init, **factory))
+        # Training state: tokens since each latent last fired (AuxK's dead set); BatchTopK's global threshold.
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64, device=device))
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def dead_mask(self) -> Tensor:
+        """(n,) bool: latents that have not fired for ``cfg.dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    # ------------------------------------------------------------------ encode / decode
+    def _weights(self, x: Tensor):
+        """Parameters in the compute dtype: autocast's when it is on, else the parameters' own."""
+        dtype = self.W_enc.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        names = ("W_enc", "b_enc", "W_dec", "b_dec")
+        return dtype, [getattr(self, n).to(dtype) for n in names]
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., d_in={self.d_in}); got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.d_in)
+
+    def _encode2d(self, x: Tensor, W_enc, b_enc, b_dec, return_l0: bool = False):
+        """(values, indices), plus JumpReLU's differentiable L0 when ``return_l0`` (None otherwise)."""
+        cfg = self.cfg
+        if cfg.activation == "jumprelu":
+            theta = self.log_threshold.exp().to(x.dtype)
+            out = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, cfg.jumprelu_bandwidth, return_l0=True)
+            return out if return_l0 else out[:2]
+        return self._encode_other(x, W_enc, b_enc, b_dec) + ((None,) if return_l0 else ())
+
+    def _encode_other(self, x: Tensor, W_enc, b_enc, b_dec):
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            return ops.topk_encode(x, W_enc, b_enc, b_dec, cfg.k)
+        if cfg.activation == "batchtopk":
+            if self.training or self.threshold < 0:
+                return ops.batch_topk_encode(x, W_enc, b_enc, b_dec, cfg.k)
+            return ops.threshold_encode(x, W_enc, b_enc, b_dec, float(self.threshold))
+        return ops.relu_encode(x, W_enc, b_enc, b_dec)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, indices) of the active latents for x (..., d_in); see reference.py for the layout."""
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        x2 = self._flatten(x)
+        dtype, (W_enc, b_enc, _, b_dec) = self._weights(x2)
+        values, indices = self._encode2d(x2.to(dtype), W_enc, b_enc, b_dec)
+        return values.reshape(*lead, -1), indices.reshape(*lead, -1)
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """x_hat (..., d_in) from a sparse code (..., K)."""
+        lead = values.shape[:-1]
+        dtype, (_, _, W_dec, b_dec) = self._weights(values)
+        v2 = values.reshape(-1, values.shape[-1]).to(dtype)
+        x_hat = ops.sparse_decode(v2, indices.reshape(v2.shape), W_dec, b_dec)
+        return x_hat.reshape(*lead, self.d_in)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Dense (..., n) pre-activations: for inspection only (memory grows with n)."""
+        x2 = self._flatten(x)
+        p = reference.pre_activations(x2.to(self.W_enc.dtype), self.W_enc, self.b_enc, self.b_dec)
+        return p.reshape(*x.shape[:-1], self.n_latents)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> SAEOutput:
+        cfg = self.cfg
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        x2 = self._flatten(x)
+        dtype, (W_enc, b_enc, W_dec, b_dec) = self._weights(x2)
+        xc = x2.to(dtype)
+        zero = x2.new_zeros((), dtype=torch.float32)
+        aux_loss = zero
+        if cfg.activation == "topk":
+            use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
+            dead = self.dead_mask if use_aux else None
+            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0)
+            values, indices, x_hat = res.values, res.indices, res.x_hat
+            if res.aux_values.shape[1]:
+                residual = (x2 - x_hat).detach().float()
+                e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
+                aux_loss = reference.fvu(e_hat, residual)
+        else:
+            values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
+            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+
+        xf, x_hat_f = x2.float(), x_hat.float()
+        mse = reference.mse(x_hat_f, xf)
+        fvu = reference.fvu(x_hat_f, xf)
+        l1 = reference.l1_penalty(values.float(), indices, W_dec.float())
+        l0 = (values > 0).sum(-1).float().mean()
+        if cfg.activation in ("topk", "batchtopk"):
+            loss = fvu + cfg.aux_coeff * aux_loss
+        elif cfg.activation == "relu":
+            loss = mse + cfg.l1_coeff * l1
+        else:
+            loss = mse + cfg.l0_coeff * l0_soft.float()
+
+        if self.training:
+            self._update_training_state(values, indices)
+        return SAEOutput(x_hat.reshape(*lead, self.d_in), values.reshape(*lead, -1), indices.reshape(*lead, -1),
+                         loss, mse, fvu, aux_loss, l1, l0)
+
+    @torch.no_grad()
+    def _update_training_state(self, values: Tensor, indices: Tensor) -> None:
+        fired = indices[values > 0].long()
+        self.tokens_since_fired += values.shape[0]
+        self.tokens_since_fired[fired] = 0
+        if self.cfg.activation == "batchtopk":
+            positive = values[values > 0]
+            if positive.numel():  # EMA of the smallest kept activation: the inference threshold
+                m = positive.min().float()
+                self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+
+    # ------------------------------------------------------------------ decoder constraints
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale every decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove the component of W_dec's gradient parallel to each decoder row (keeps unit norm to first
+        order, so Adam's step is not spent on growing rows that are renormalised anyway)."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        W = self.W_dec
+        coef = (g * W).sum(1, keepdim=True) / W.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+        g -= coef * W
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Write ``sae.safetensors`` and ``cfg.json`` into the folder ``path`` (atomically)."""
+        from .io import save_sae
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path, device=None) -> "SparseAutoencoder":
+        """Load a folder written by ``save`` (also SAELens and sparsify folders; see sae_fast.io)."""
+        from .io import load_sae
+        return load_sae(path, device=device)
+

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+import sae_fast
+from sae_fast import ops
+
+# The sparse backends that run CPU tensors here (triton only under TRITON_INTERPRET=1; its own tests cover it).
+CPU_BACKENDS = [b for b in ("torch", "cpu") if b in ops.available_backends()]
+
+# (dtype, atol, rtol) for comparing a backend with reference.py computed in float64. bf16 inputs are
+# rounded once on the way in; kernels accumulate in fp32, so the bound is a few bf16 ulps of the result.
+DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)]
+
+
+def make_sae_tensors(B, d, n, dtype=torch.float32, seed=0, requires_grad=True, device="cpu"):
+    """Random x and weights; values chosen so top-k selections are well separated in any dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g)
+    W_enc = torch.randn(n, d, generator=g) / d ** 0.5
+    b_enc = torch.randn(n, generator=g) * 0.1
+    W_dec = torch.randn(n, d, generator=g) / d ** 0.5
+    b_dec = torch.randn(d, generator=g) * 0.1
+    out = [t.to(dtype=dtype, device=device) for t in (x, W_enc, b_enc, W_dec, b_dec)]
+    if requires_grad:
+        for t in out[1:]:
+            t.requires_grad_(True)
+    return out
+
+
+def pytest_report_header(config):
+    return f"sae_fast backends: {', '.join(sae_fast.available_backends())}; torch {torch.__version__}"

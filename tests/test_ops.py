@@ -1,0 +1,180 @@
+"""Every sparse backend against reference.py: values, indices, every gradient, odd shapes, both dtypes."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sae_fast
+from sae_fast import ops, reference as R
+
+from conftest import CPU_BACKENDS, DTYPES, make_sae_tensors
+
+SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 7, 7), (16, 8, 64, 4), (9, 33, 1000, 32)]
+
+
+def _ref_grads(fn, tensors):
+    """Run ``fn`` with the reference backend in float64 on the same (rounded) inputs."""
+    t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    with sae_fast.use_backend("reference"):
+        out = fn(*t64)
+    return out, t64
+
+
+def _close(a, b, atol, rtol, what):
+    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _grads_match(loss_fn, out, ref_out, tensors, ref_tensors, atol, rtol):
+    params = [t for t in tensors if t.requires_grad]
+    ref_params = [t for t in ref_tensors if t.requires_grad]
+    g = torch.autograd.grad(loss_fn(*out), params, allow_unused=True)
+    g_ref = torch.autograd.grad(loss_fn(*ref_out), ref_params, allow_unused=True)
+    names = ["x", "W_enc", "b_enc", "W_dec", "b_dec", "theta"]
+    for name, a, b in zip(names[1:] if len(params) < len(names) else names, g, g_ref):
+        assert (a is None) == (b is None), f"grad {name}: one side has none"
+        if a is None:
+            continue
+        scale = b.abs().max().item() + 1.0
+        _close(a, b, atol * scale, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+def test_topk_sae_matches_reference(backend, dtype, atol, rtol, B, d, n, k):
+    tensors = make_sae_tensors(B, d, n, dtype)
+    dead = torch.arange(n) % 3 == 0
+    k_aux = min(3, n)
+
+    def fn(x, W_enc, b_enc, W_dec, b_dec):
+        return ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
+
+    with sae_fast.use_backend(backend):
+        out = fn(*tensors)
+    ref, t64 = _ref_grads(fn, tensors)
+    if dtype == torch.float32:
+        assert torch.equal(out.indices, ref.indices)
+        assert torch.equal(out.aux_indices, ref.aux_indices)
+    _close(R.sparse_to_dense(out.values, out.indices, n), R.sparse_to_dense(ref.values, ref.indices, n), atol, rtol, "values")
+    _close(out.x_hat, ref.x_hat, atol * 10, rtol, "x_hat")
+    assert out.indices.dtype == torch.int32 and out.values.dtype == dtype
+
+    loss = lambda v, i, xh, av, ai: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + av.float().sum()
+    _grads_match(loss, out, ref, tensors, t64, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+@pytest.mark.parametrize("act", ["topk", "batchtopk", "relu", "threshold", "jumprelu"])
+def test_encode_decode_matches_reference(backend, dtype, atol, rtol, B, d, n, k, act):
+    tensors = make_sae_tensors(B, d, n, dtype, seed=1)
+    theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
+
+    def fn(x, W_enc, b_enc, W_dec, b_dec, theta):
+        if act == "topk":
+            v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+        elif act == "batchtopk":
+            v, i = ops.batch_topk_encode(x, W_enc, b_enc, b_dec, k)
+        elif act == "relu":
+            v, i = ops.relu_encode(x, W_enc, b_enc, b_dec)
+        elif act == "threshold":
+            v, i = ops.threshold_encode(x, W_enc, b_enc, b_dec, 0.1)
+        else:
+            v, i, l0 = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, 0.05, return_l0=True)
+            return v, i, ops.sparse_decode(v, i, W_dec, b_dec), l0
+        return v, i, ops.sparse_decode(v, i, W_dec, b_dec), v.new_zeros(())
+
+    with sae_fast.use_backend(backend):
+        out = fn(*tensors, theta)
+    ref, t64 = _ref_grads(fn, tensors + [theta])
+    dense, dense_ref = R.sparse_to_dense(out[0], out[1], n), R.sparse_to_dense(ref[0], ref[1], n)
+    if act == "jumprelu" and dtype == torch.bfloat16:
+        # A pre-activation within bf16 rounding of its threshold may land on either side.
+        pre = R.pre_activations(*[t.detach().double() for t in (tensors[0], tensors[1], tensors[2], tensors[4])])
+        far = (pre - theta.detach().double()).abs() > 2e-2 * theta.detach().double()
+        dense, dense_ref = dense * far, dense_ref * far
+    else:
+        _close(out[2], ref[2], atol * 10, rtol, "x_hat")
+    _close(dense, dense_ref, atol, rtol, "values")
+    if act == "topk" and dtype == torch.float32:
+        assert torch.equal(out[1], ref[1])
+    loss = lambda v, i, xh, l0: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + l0.float()
+    if act == "jumprelu" and dtype == torch.bfloat16:
+        return  # entries within bf16 rounding of theta flip sides; the fp32 case checks theta's gradient
+    _grads_match(loss, out, ref, tensors + [theta], t64, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_k_equals_n_and_k_one(backend):
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(5, 3, 6)
+    for k in (1, 6):
+        with sae_fast.use_backend(backend):
+            v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+        with sae_fast.use_backend("reference"):
+            rv, ri = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(v, rv)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties_lower_index_wins(backend):
+    # Identical encoder rows give identical scores: every backend must keep the lowest latent ids.
+    x = torch.randn(4, 3)
+    W_enc = torch.ones(10, 3)
+    b = torch.zeros(10)
+    with sae_fast.use_backend(backend):
+        v, i = ops.topk_encode(x, W_enc, b, torch.zeros(3), 4)
+    assert i.tolist() == [[0, 1, 2, 3]] * 4
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 40), d=st.integers(1, 24), n=st.integers(1, 300), data=st.data())
+def test_topk_fuzzed_shapes(backend, B, d, n, data):
+    k = data.draw(st.integers(1, n))
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, seed=B * 1000 + n)
+    with sae_fast.use_backend(backend):
+        out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)
+        g = torch.autograd.grad(out.x_hat.pow(2).sum(), [W_enc, b_enc, W_dec, b_dec])
+    with sae_fast.use_backend("reference"):
+        ref = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)
+        g_ref = torch.autograd.grad(ref.x_hat.pow(2).sum(), [W_enc, b_enc, W_dec, b_dec])
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-3 * (b.abs().max().item() + 1), rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_input_gradient(backend):
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(6, 5, 20)
+    x.requires_grad_(True)
+    with sae_fast.use_backend(backend):
+        gx = torch.autograd.grad(ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, 3).x_hat.pow(2).sum(), x)[0]
+    with sae_fast.use_backend("reference"):
+        gx_ref = torch.autograd.grad(ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, 3).x_hat.pow(2).sum(), x)[0]
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradients_bitwise_deterministic(backend):
+    tensors = make_sae_tensors(64, 16, 256)
+
+    def grads():
+        with sae_fast.use_backend(backend):
+            out = ops.topk_sae(*tensors, 8)
+            return torch.autograd.grad(out.x_hat.pow(2).sum(), tensors[1:])
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_sparse_backends_float64():
+    x, W_enc, b_enc, W_dec, b_dec = [t.double().detach().requires_grad_() for t in make_sae_tensors(4, 3, 7)]
+    for backend in CPU_BACKENDS:
+        with sae_fast.use_backend(backend):
+            f = lambda x, We, be, Wd, bd: ops.topk_sae(x, We, be, Wd, bd, 2).x_hat
+            assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec, b_dec))
+            g = lambda We, be, bd: ops.relu_encode(x, We, be, bd)[0]
+            assert torch.autograd.gradcheck(g, (W_enc, b_enc, b_dec))
