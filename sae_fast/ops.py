@@ -12,14 +12,13 @@ Force one with ``SAE_FAST_BACKEND=<name>`` or ``with sae_fast.use_backend("<name
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import library, reference
 from .backends.base import SparseBackend
 
 
@@ -35,11 +34,13 @@ class ReferenceBackend:
 
 _BACKENDS: dict[str, object] = {}
 _DEFAULT_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sae_fast_backend", default=None)
+# Process-wide (a plain global, not a ContextVar: torch.compile reads it and guards on its value).
+_forced: str | None = None
 
 
 def register_backend(backend) -> None:
     _BACKENDS[backend.name] = backend
+    library._registry[backend.name] = backend
 
 
 def available_backends() -> list[str]:
@@ -56,18 +57,29 @@ def _lookup(name: str):
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend for the ops called inside the block (overrides ``SAE_FAST_BACKEND``)."""
+    global _forced
     _lookup(name)
-    token = _forced.set(name)
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
+
+
+_dispatched: dict[str, library.Dispatched] = {}
+
+
+def _kernels(backend) -> library.Dispatched:
+    """The backend's primitives behind torch.library custom ops (what the autograd Functions call)."""
+    if backend.name not in _dispatched:
+        _dispatched[backend.name] = library.Dispatched(backend.name)
+    return _dispatched[backend.name]
 
 
 def get_backend(device: torch.device | str):
     """The backend ops will use for tensors on ``device``."""
     device = torch.device(device)
-    name = _forced.get() or os.environ.get("SAE_FAST_BACKEND") or None
+    name = _forced or os.environ.get("SAE_FAST_BACKEND") or None
     if name:
         backend = _lookup(name)
         if not backend.supports(device):
@@ -133,7 +145,8 @@ def _check_x(x) -> None:
         raise ValueError(f"x must be a 2-D (batch, d_in) tensor; got {_fmt(x)}")
     if x.shape[0] == 0:
         raise ValueError("x must have at least one row; got an empty batch")
-    if _check_finite and not bool(torch.isfinite(x).all()):
+    # Data-dependent checks would break a torch.compile graph; compiled code skips them.
+    if _check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
                          "sae_fast.ops.set_check_finite(False))")
 
@@ -168,10 +181,7 @@ def _check_code(values, indices, W_dec, b_dec) -> None:
     n, d = W_dec.shape
     if b_dec is not None:
         _check_float("b_dec", b_dec, (d,), values.dtype, values.device)
-    if indices.numel():  # A kernel must never read out of bounds: always checked.
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"indices must lie in [0, n_latents={n}); got values in [{lo}, {hi}]")
+    # The index range is checked inside the sparse_decode custom op, so compiled code checks it too.
 
 
 # ============================================================================ autograd Functions
@@ -278,7 +288,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) 
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
         return reference.topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "topk", k)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "topk", k)
     return torch.relu(pre), idx
 
 
@@ -289,7 +299,7 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> tuple
     if isinstance(backend, ReferenceBackend):
         return reference.relu(reference.pre_activations(x, W_enc, b_enc, b_dec))
     cutoff = torch.zeros_like(b_enc)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
     return torch.relu(pre), idx
 
 
@@ -309,7 +319,7 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thet
     else:
         # List every entry inside the estimator's window too, so theta's gradient sees them.
         cutoff = theta.detach() - bandwidth / 2
-        pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+        pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
         theta_listed = theta[idx.long()]
         values = reference.JumpReLUFn.apply(pre, theta_listed, bandwidth)
         l0 = reference.StepFn.apply(pre, theta_listed, bandwidth).sum(-1).mean()
@@ -323,7 +333,7 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
         return reference.batch_topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "batchtopk", k)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "batchtopk", k)
     return torch.relu(pre), idx
 
 
@@ -334,7 +344,7 @@ def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thr
     if isinstance(backend, ReferenceBackend):
         return reference.threshold_relu(reference.pre_activations(x, W_enc, b_enc, b_dec), threshold)
     cutoff = torch.full_like(b_enc, max(float(threshold), 0.0))
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend, "threshold", cutoff)
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
     return torch.relu(pre), idx
 
 
@@ -343,8 +353,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     _check_code(values, indices, W_dec, b_dec)
     backend = get_backend(values.device)
     if isinstance(backend, ReferenceBackend):
+        library.check_index_range(indices, W_dec.shape[0])
         return reference.sparse_decode(values, indices, W_dec, b_dec)
-    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, backend)
+    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, _kernels(backend))
 
 
 class TopKSAEResult(NamedTuple):
@@ -383,4 +394,4 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
             aux_idx = torch.zeros(x.shape[0], 0, dtype=reference.INDEX_DTYPE, device=x.device)
         return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
     mask = dead_mask.to(x.device) if k_aux else None
-    return TopKSAEResult(*_TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux, backend))
+    return TopKSAEResult(*_TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux, _kernels(backend)))
