@@ -10,11 +10,11 @@ Three folder formats, told apart by their files (``detect_format``); ``load_sae`
   ``cfg.json`` with k, num_latents / expansion_factor, d_in. A training run writes one such folder per
   hookpoint; loading the run folder gives ``{hookpoint: SAE}``.
 
-Peer options with no counterpart in ``SparseAutoencoder`` are folded into the weights on load, exactly
-(in float64, then cast): SAELens ``apply_b_dec_to_input=False``, ``rescale_acts_by_decoder_norm``, the
-activation scaler of a training checkpoint (``normalize_activations`` expected_average_only_in or
-covariance_whitening). So the loaded SAE maps raw activations to the same codes and reconstructions.
-"""
+Peer options with no counterpart in ``SparseAutoencoder`` are folded into the weights on load (in at least
+float32, then cast; weights no fold touches are kept bit for bit): SAELens ``apply_b_dec_to_input=False``,
+``rescale_acts_by_decoder_norm``, the activation scaler of a training checkpoint (``normalize_activations``
+expected_average_only_in or covariance_whitening). So the loaded SAE maps raw activations to the same codes
+and reconstructions as the peer does."""
 from __future__ import annotations
 
 import json
@@ -329,17 +329,20 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     scale, whitening = _saelens_scaler(path, norm, norm_scaling_factor, d)
 
     t = _read_tensors(weights_path)
-    f64 = torch.float64
     file_dtype = t["W_enc"].dtype if "W_enc" in t else torch.float32
-    W_enc = _take(t, "W_enc", (d, n), weights_path, "d_in, d_sae").to(f64).T  # -> (n, d)
-    b_enc = _take(t, "b_enc", (n,), weights_path, "d_sae").to(f64)
-    W_dec = _take(t, "W_dec", (n, d), weights_path, "d_sae, d_in").to(f64)
-    b_dec = _take(t, "b_dec", (d,), weights_path, "d_in").to(f64)
+    W_enc = _take(t, "W_enc", (d, n), weights_path, "d_in, d_sae").T  # -> (n, d)
+    b_enc = _take(t, "b_enc", (n,), weights_path, "d_sae")
+    W_dec = _take(t, "W_dec", (n, d), weights_path, "d_sae, d_in")
+    b_dec = _take(t, "b_dec", (d,), weights_path, "d_in")
+    # Folds run in fp32 (fp64 files: fp64), not fp64 throughout: 16 bytes per weight of a large SAE is too
+    # much. bf16/fp16 -> fp32 -> back is lossless, so weights no fold touches come out bit for bit.
+    work = torch.promote_types(file_dtype, torch.float32)
+    W_enc, b_enc, W_dec, b_dec = (w.to(work) for w in (W_enc, b_enc, W_dec, b_dec))
 
     # Old SAELens: decode used (acts * finetuning_scaling_factor) @ W_dec; all-ones files carry no scaling.
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in t:
-            W_dec = W_dec * _take(t, name, (n,), weights_path, "d_sae").to(f64)[:, None]
+            W_dec = W_dec * _take(t, name, (n,), weights_path, "d_sae").to(work)[:, None]
     if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm", False):
         # Scores were multiplied by ||W_dec_i|| before the selection and codes divided by it before decoding.
         norms = W_dec.norm(dim=1)
@@ -347,7 +350,7 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + W_enc @ b_dec  # SAELens encodes x, sae-fast encodes x - b_dec
     if whitening is not None:  # the SAE saw z = (x - mean) @ M and emitted x_hat = z_hat @ M^-1 + mean
-        mean, M, M_inv = (w.to(f64) for w in whitening)
+        mean, M, M_inv = (w.to(work) for w in whitening)
         W_enc, W_dec, b_dec = W_enc @ M.T, W_dec @ M_inv, b_dec @ M_inv + mean
     if scale is not None:  # the SAE saw x * scale and its output was divided by scale
         W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale
@@ -366,9 +369,9 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
             extra["threshold"] = torch.tensor(0.0 if thr is None else float(thr), dtype=torch.float32)
     else:  # jumprelu: threshold (n,), or log_threshold in older checkpoints
         if "threshold" in t:
-            theta = _take(t, "threshold", (n,), weights_path, "d_sae").to(f64)
+            theta = _take(t, "threshold", (n,), weights_path, "d_sae").to(work)
         else:
-            theta = _take(t, "log_threshold", (n,), weights_path, "d_sae").to(f64).exp()
+            theta = _take(t, "log_threshold", (n,), weights_path, "d_sae").to(work).exp()
         # SAELens: relu(p) * (p > threshold); a threshold <= 0 acts as 0, and log(0) = -inf keeps that exact.
         extra_weights = {"log_threshold": theta.clamp_min(0).log()}
         fields.update(activation="jumprelu")
