@@ -263,8 +263,15 @@ class SparseAutoencoder(nn.Module):
         save_sae(self, path)
 
     @classmethod
-    def load(cls, path, device=None) -> "SparseAutoencoder":
-        """Load a folder written by ``save`` (also SAELens and sparsify folders; see sae_fast.io)."""
+    def load(cls, path, device=None, dtype=None, hookpoint: str | None = None) -> "SparseAutoencoder":
+        """Load a folder written by ``save``, or a SAELens or sparsify SAE folder (format detected from its
+        files; see sae_fast.io). For a run folder with several hookpoints, name one with ``hookpoint=``."""
         from .io import load_sae
-        return load_sae(path, device=device)
+        sae = load_sae(path, device=device, dtype=dtype, hookpoint=hookpoint)
+        if isinstance(sae, dict):
+            if len(sae) != 1:
+                raise ValueError(f"{path} holds SAEs for several hookpoints ({', '.join(sae)}); pass hookpoint=, "
+                                 "or use sae_fast.io.load_sae to get them all as a dict")
+            (sae,) = sae.values()
+        return sae
 
