@@ -204,18 +204,37 @@ def _quiet_fd2():
         os.close(saved)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call, each call synchronised, after ``warmup`` untimed calls."""
+def measure_phase(phase: str, entries: list, device: torch.device, warmup: int, repeats: int) -> None:
+    """Time each (row, call) pair ``repeats`` times after ``warmup`` untimed calls, round-robin over the rows
+    with the starting row rotated each round, so a change of load on a shared machine hits every row alike.
+    Stores the median, the raw times and the peak memory (one more call) in ``row.phases[phase]``; a call that
+    raises marks its row failed and drops it."""
+    def ok(row, fn) -> bool:
+        try:
+            fn()
+            _sync(device)
+            return True
+        except Exception as exc:  # a peer that breaks here is a row saying so
+            row.status, row.error = "failed", f"in {PHASE_TITLE[phase]}: {_error_text(exc)}"
+            return False
+
+    live = [(row, fn) for row, fn in entries if row.status == "ok"]
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+        live = [(row, fn) for row, fn in live if ok(row, fn)]
+    times = {id(row): [] for row, _ in live}
+    for i in range(repeats):
+        turn = i % len(live) if live else 0
+        for row, fn in live[turn:] + live[:turn]:
+            if row.status != "ok":
+                continue
+            start = time.perf_counter()
+            if ok(row, fn):
+                times[id(row)].append(time.perf_counter() - start)
+    for row, fn in live:
+        if row.status == "ok":
+            t = times[id(row)]
+            row.phases[phase] = {"median_ms": statistics.median(t) * 1e3, "times_ms": [round(v * 1e3, 4) for v in t],
+                                 "peak_bytes": peak_memory(fn, device)}
 
 
 # ============================================================================ the rows
@@ -447,60 +466,37 @@ def _phase_fn(h: Harness, phase: str, x: Tensor, setup: Setup) -> Callable[[], T
     return call_with_backend
 
 
-def run_row(c: Contestant, setup: Setup, warmup: int, repeats: int, progress=None) -> Row:
+def build_row(c: Contestant, setup: Setup) -> tuple[Row, Harness | None]:
+    """The row and its harness (None when the contestant is missing, not applicable or fails to build). Runs
+    one forward first and records how far its x_hat is from reference.py's."""
     row = Row(c.label, c.kind, c.settings)
     try:
         h = c.build(setup)
+        h.optimizer = torch.optim.Adam(h.params, lr=ADAM_LR)
+        with torch.no_grad():
+            x_hat = _phase_fn(h, "fwd", setup.x, setup)().float()
+        ref = setup.x_hat_ref.float()
+        row.xhat_rel_err = float((x_hat - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        return row, h
     except NotApplicable as exc:
         row.status, row.error = "not applicable", str(exc)
-        return row
     except ImportError as exc:
-        if c.package and getattr(exc, "name", None) and exc.name.split(".")[0] == c.package:
-            row.status = "not installed"
-        else:
-            row.status = "failed"
-        row.error = _error_text(exc)
-        return row
+        missing = c.package and getattr(exc, "name", None) and exc.name.split(".")[0] == c.package
+        row.status, row.error = ("not installed" if missing else "failed"), _error_text(exc)
     except Exception as exc:  # a peer that breaks on this device/version is a row saying so
         row.status, row.error = "failed", _error_text(exc)
-        return row
-    h.optimizer = torch.optim.Adam(h.params, lr=ADAM_LR)
-    try:
-        for phase in PHASES:
-            fn = _phase_fn(h, phase, setup.x, setup)
-            if phase == "fwd":
-                with torch.no_grad():
-                    x_hat = fn().float()
-                ref = setup.x_hat_ref.float()
-                row.xhat_rel_err = float((x_hat - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-                del x_hat
-            times = time_calls(fn, setup.device, warmup, repeats)
-            peak = peak_memory(fn, setup.device)
-            row.phases[phase] = {"median_ms": statistics.median(times) * 1e3,
-                                 "times_ms": [round(t * 1e3, 4) for t in times], "peak_bytes": peak}
-            if progress is not None:
-                progress.update(1)
-    except Exception as exc:
-        row.status, row.error = "failed", f"in {PHASE_TITLE.get(phase, phase)}: {_error_text(exc)}"
-    finally:
-        del h
-        if setup.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return row
+    return row, None
 
 
-def floor_row(setup: Setup, warmup: int, repeats: int) -> Row:
+def floor_entry(setup: Setup) -> tuple[Row, Callable[[], Tensor]]:
+    """The floor: the encoder GEMM alone, in the compute dtype, its (B, n) output written."""
     dt = torch.bfloat16 if setup.dtype == "bf16" else torch.float32
     xc = (setup.x - setup.b_dec).to(dt)
     W = setup.W_enc.to(dt)
-    fn = lambda: torch.matmul(xc, W.T)  # noqa: E731
-    times = time_calls(fn, setup.device, warmup, repeats)
+    w = setup.workload
     row = Row("encoder GEMM (floor)", "floor",
-              f"torch.matmul(xc, W_enc.T) in {dt}: ({setup.workload.batch}x{setup.workload.d}) @ "
-              f"({setup.workload.d}x{setup.workload.n}), output written")
-    row.phases["fwd"] = {"median_ms": statistics.median(times) * 1e3, "times_ms": [round(t * 1e3, 4) for t in times],
-                         "peak_bytes": peak_memory(fn, setup.device)}
-    return row
+              f"torch.matmul(xc, W_enc.T) in {dt}: ({w.batch}x{w.d}) @ ({w.d}x{w.n}), output written")
+    return row, lambda: torch.matmul(xc, W.T)
 
 
 # ============================================================================ running a workload
@@ -510,6 +506,7 @@ class Result:
     dtype: str
     rows: list
     notes: list
+    interleaved: bool = False
 
     @property
     def floor_ms(self) -> float:
@@ -536,19 +533,43 @@ def fused_backends(device: torch.device, requested: list[str] | None) -> list[st
 
 
 def run_workload(w: Workload, device: torch.device, dtype: str, backends: list[str], peers: list[str],
-                 warmup: int, repeats: int, show_progress: bool = True) -> Result:
+                 warmup: int, repeats: int, show_progress: bool = True, interleave: bool | None = None) -> Result:
+    """Measure every row on one workload. ``interleave`` (default on CPU): all rows are built first and timed
+    round-robin, call by call, so a shared machine's changing load hits all alike. Otherwise (default on CUDA,
+    where memory may not hold every row's weights and optimizer state at once) rows run one after another."""
     from tqdm import tqdm
+    interleave = device.type == "cpu" if interleave is None else interleave
     setup = make_setup(w, device, dtype)
     cs = contestants(setup, backends, peers)
-    rows = [floor_row(setup, warmup, repeats)]
-    with tqdm(total=len(cs) * len(PHASES), desc=f"bench {w.name}", disable=not show_progress,
-              file=sys.stderr, leave=False) as bar:
-        for c in cs:
-            bar.set_postfix_str(c.label)
-            row = run_row(c, setup, warmup, repeats, bar)
-            bar.update(len(PHASES) - len(row.phases))
-            rows.append(row)
-    return Result(w, dtype, rows, setup.notes)
+    floor, floor_fn = floor_entry(setup)
+    rows = [floor]
+    with tqdm(total=len(cs) + 1, desc=f"bench {w.name}", disable=not show_progress, file=sys.stderr,
+              leave=False, unit="row") as bar:
+        if interleave:
+            built = [build_row(c, setup) for c in cs]
+            rows += [row for row, _ in built]
+            for phase in PHASES:
+                bar.set_postfix_str(PHASE_TITLE[phase])
+                entries = [(row, _phase_fn(h, phase, setup.x, setup)) for row, h in built if h is not None]
+                measure_phase(phase, ([(floor, floor_fn)] if phase == "fwd" else []) + entries,
+                              device, warmup, repeats)
+            del built, entries
+            bar.update(len(cs) + 1)
+        else:
+            measure_phase("fwd", [(floor, floor_fn)], device, warmup, repeats)
+            bar.update(1)
+            for c in cs:
+                bar.set_postfix_str(c.label)
+                row, h = build_row(c, setup)
+                rows.append(row)
+                if h is not None:
+                    for phase in PHASES:
+                        measure_phase(phase, [(row, _phase_fn(h, phase, setup.x, setup))], device, warmup, repeats)
+                del h
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update(1)
+    return Result(w, dtype, rows, setup.notes, interleave)
 
 
 # ============================================================================ reporting
@@ -629,11 +650,16 @@ def _md_table(head, body) -> str:
     return "\n".join(lines)
 
 
+_ORDER = {"interleaved": "rows timed round-robin call by call (a load change hits every row alike)",
+          "sequential": "rows timed one after another"}
+
+
 def _title(res: Result, meta: dict) -> str:
     dev = meta["device"]
     dtype = "fp32" if res.dtype == "fp32" else "bf16 autocast, fp32 master weights"
     return (f"workload {res.workload.name}: {res.workload.describe()}, {dtype} | {dev['name']} "
-            f"({dev['threads']} threads) | median of {meta['repeats']} after {meta['warmup']} warm-up calls")
+            f"({dev['threads']} threads) | median of {meta['repeats']} after {meta['warmup']} warm-up calls, "
+            f"{meta['order']}")
 
 
 def render_text(results: list[Result], meta: dict) -> str:
@@ -665,7 +691,7 @@ def render_markdown(results: list[Result], meta: dict) -> str:
            f"- device: {json.dumps(meta['device'])}",
            f"- load average (1, 5, 15 min) at start {meta['load_avg_start']}, at end {meta['load_avg_end']}",
            f"- timing: median of {meta['repeats']} synchronised calls after {meta['warmup']} warm-up calls, "
-           "one process, rows one after another",
+           f"one process, {_ORDER[meta['order']]}",
            f"- peak memory: {meta['memory_method']}", ""]
     for res in results:
         out += [f"## {_title(res, meta)}", "", _md_table(*table_rows(res)), ""]
@@ -774,7 +800,10 @@ def main(args) -> int:
         "load_avg_start": [round(v, 2) for v in os.getloadavg()], "kind": "measurement",
         "settings": {"adam_lr": ADAM_LR, "l1_coeff": L1_COEFF, "backends": backends, "peers": peers},
     }
-    results = [run_workload(w, device, dtype, backends, peers, warmup, repeats, not args.quiet) for w in workloads]
+    order = args.order or ("interleaved" if device.type == "cpu" else "sequential")
+    meta["order"] = order
+    results = [run_workload(w, device, dtype, backends, peers, warmup, repeats, not args.quiet,
+                            interleave=order == "interleaved") for w in workloads]
     meta["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(render_text(results, meta))
     if args.out != "-":

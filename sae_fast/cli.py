@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="all", help="all, none, or a comma-separated list of sparsify,saelens")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per phase (default: 10 CPU, 20 CUDA, 3 quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 2 CPU, 5 CUDA, 1 quick)")
+    p.add_argument("--order", choices=("interleaved", "sequential"), default=None,
+                   help="interleaved: build every row, then time them round-robin call by call (fair on a shared "
+                        "machine; default on CPU); sequential: one row at a time (less memory; default on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/Markdown/PNG results; - to save nothing")
     p.add_argument("--model", default=None, metavar="GPU", help="print the roofline MODEL for h100 or h200 instead of measuring")

@@ -62,18 +62,41 @@ def test_missing_or_failing_peer_is_a_row_not_a_gap(monkeypatch):
     setup = bench.make_setup(bench.quick(bench.WORKLOADS["cpu"]), torch.device("cpu"), "fp32")
     monkeypatch.setitem(sys.modules, "sparsify", None)  # makes `import sparsify` raise ModuleNotFoundError
     peer = next(c for c in bench.contestants(setup, [], ["sparsify"]) if c.label == "sparsify")
-    row = bench.run_row(peer, setup, 0, 1)
-    assert row.status == "not installed" and "sparsify" in row.error
+    row, harness = bench.build_row(peer, setup)
+    assert harness is None and row.status == "not installed" and "sparsify" in row.error
 
     def broken(_):
         raise RuntimeError("no kernel image for this device")
-    row = bench.run_row(bench.Contestant("peer X", "peer", "settings", broken), setup, 0, 1)
-    assert row.status == "failed" and "no kernel image" in row.error
-    res = bench.Result(setup.workload, "fp32", [bench.floor_row(setup, 0, 1), row], [])
-    meta = {"device": bench.device_info(torch.device("cpu")), "repeats": 1, "warmup": 0,
+
+    def breaks_in_step(s):  # builds and runs fwd, fwd+bwd, then fails in its optimizer step
+        h = bench.sae_fast_harness(s, "torch")
+        h.project_grad = lambda: 1 / 0
+        return h
+
+    rows = [bench.build_row(bench.Contestant(label, "peer", "settings", fn), setup)
+            for label, fn in (("peer X", broken), ("peer Y", breaks_in_step))]
+    assert rows[0][0].status == "failed" and "no kernel image" in rows[0][0].error
+    for phase in bench.PHASES:
+        bench.measure_phase(phase, [(rows[1][0], bench._phase_fn(rows[1][1], phase, setup.x, setup))],
+                            setup.device, 0, 1)
+    assert rows[1][0].status == "failed" and rows[1][0].error.startswith("in step: ZeroDivisionError")
+    assert list(rows[1][0].phases) == ["fwd", "fwd_bwd"]
+    floor, fn = bench.floor_entry(setup)
+    bench.measure_phase("fwd", [(floor, fn)], setup.device, 0, 1)
+    res = bench.Result(setup.workload, "fp32", [floor] + [r for r, _ in rows], [])
+    meta = {"device": bench.device_info(torch.device("cpu")), "repeats": 1, "warmup": 0, "order": "sequential",
             "versions": bench.versions(), "load_avg_start": [0, 0, 0], "memory_method": "x"}
     text = bench.render_text([res], meta)
     assert "peer X" in text and "failed: RuntimeError: no kernel image" in text
+    assert "peer Y" in text and "failed: in step: ZeroDivisionError" in text
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_interleaved_and_sequential_orders_measure_every_row(interleave):
+    w = bench.quick(bench.WORKLOADS["cpu"])
+    res = bench.run_workload(w, torch.device("cpu"), "fp32", ["reference", "torch"], [], 1, 2, False, interleave)
+    assert [r.status for r in res.rows] == ["ok"] * 3
+    assert all(len(r.phases[p]["times_ms"]) == 2 for r in res.rows[1:] for p in bench.PHASES)
 
 
 def test_peers_compute_the_same_sae_when_installed(tmp_path):
