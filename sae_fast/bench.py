@@ -724,7 +724,7 @@ def save_chart(results: list[Result], meta: dict, path: Path) -> bool:
             ax.barh([i + j * height for i in range(len(rows))], vals, height=height, label=PHASE_TITLE[p])
         ax.set_yticks([i + height for i in range(len(rows))], labels)
         ax.invert_yaxis()
-        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.axvline(1.0, color="k", lw=0.8, ls="--", label="encoder GEMM")
         ax.set_xlabel("time / encoder GEMM (lower is better)")
         ax.set_title(f"{res.workload.name}: {res.workload.describe()}, {res.dtype} | {meta['device']['name']}",
                      fontsize=9)
@@ -736,8 +736,15 @@ def save_chart(results: list[Result], meta: dict, path: Path) -> bool:
 
 
 def to_json(results: list[Result], meta: dict) -> dict:
-    return {**meta, "workloads": [{"workload": asdict(r.workload), "dtype": r.dtype, "notes": r.notes,
-                                   "rows": [asdict(row) for row in r.rows]} for r in results]}
+    out = []
+    for res in results:
+        rows = [asdict(row) for row in res.rows]
+        for row in rows:
+            for phase in row["phases"].values():
+                phase["tokens_per_s"] = res.workload.batch / (phase["median_ms"] / 1e3)
+        out.append({"workload": asdict(res.workload), "dtype": res.dtype, "interleaved": res.interleaved,
+                    "notes": res.notes, "rows": rows})
+    return {**meta, "workloads": out}
 
 
 # ============================================================================ entry point
@@ -778,7 +785,7 @@ def main(args) -> int:
         return model_main(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here (use --device cpu, or --model h100 "
+        raise ValueError("--device cuda: torch sees no CUDA device here (use --device cpu, or --model h100 "
                          "for the roofline model)")
     if args.threads:
         torch.set_num_threads(args.threads)

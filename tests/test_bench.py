@@ -39,6 +39,7 @@ def test_quick_cpu_run_prints_and_saves_every_backend(tmp_path, capsys):
         assert row["status"] == "ok", row
         phases = ["fwd"] if row["kind"] == "floor" else list(bench.PHASES)
         assert list(row["phases"]) == phases and all(row["phases"][p]["median_ms"] > 0 for p in phases)
+        assert all(row["phases"][p]["tokens_per_s"] > 0 for p in phases)
         if row["kind"] != "floor":
             assert row["xhat_rel_err"] < 1e-5  # the same SAE as reference.py
             assert row["phases"]["step"]["peak_bytes"] > 0
@@ -126,6 +127,9 @@ def test_custom_shapes_and_bad_flags(tmp_path, capsys):
     assert "--workload" in capsys.readouterr().err
     assert cli.main(["bench", *FAST, "--out", "-", "--k", "0"]) == 2
     assert cli.main(["bench", *FAST, "--out", "-", "--peers", "saelens,foo"]) == 2
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", *FAST, "--out", "-", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_device_slug_names_the_cpu_and_threads():
