@@ -4,7 +4,6 @@ step side by side with the GEMM floor and the peer libraries."""
 import pytest
 import torch
 
-import sae_fast
 from sae_fast import SparseAutoencoder, ops
 
 from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes

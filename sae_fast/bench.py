@@ -10,7 +10,9 @@ and reports the median of repeated calls:
                  when installed; a peer that is missing or fails is a row saying so, never dropped.
 Phases: ``fwd`` (the training forward: autograd on, loss computed), ``fwd+bwd`` (plus ``loss.backward()``),
 ``step`` (plus the library's decoder-gradient projection if it has one, ``torch.optim.Adam``, and
-decoder-row renormalisation). Peak memory is measured in a separate call of each phase.
+decoder-row renormalisation). Peak memory is measured in a separate call of each phase. On CPU the rows are
+timed round-robin, call by call (``--order interleaved``), so a shared machine's changing load hits all alike.
+All rows: the same x and initial weights, Adam(lr=1e-4), no AuxK (no dead-latent mask is passed).
 
 Ratios in one run are the headline; absolute times are only meaningful on a quiet machine or a GPU.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -662,6 +663,10 @@ def _title(res: Result, meta: dict) -> str:
             f"{meta['order']}")
 
 
+SAME_FOR_ALL = (f"every row: the same x and initial weights (unit decoder rows, tied encoder), torch.optim.Adam("
+                f"lr={ADAM_LR}), no AuxK (no dead-latent mask passed), fresh gradients each call.")
+
+
 def render_text(results: list[Result], meta: dict) -> str:
     out = [f"sae-fast bench (measured) | torch {meta['versions']['torch']} | load average at start "
            f"{meta['load_avg_start']}"]
@@ -675,7 +680,7 @@ def render_text(results: list[Result], meta: dict) -> str:
             out.append(f"note: {note}")
     out += ["", "x floor: time / the encoder GEMM's time (fwd column of the floor row). x_hat err: max |x_hat - "
             "reference.py's x_hat| / max |x_hat|, from the first forward.", f"peak memory: {meta['memory_method']}.",
-            "rows ran:"]
+            SAME_FOR_ALL, "rows ran:"]
     for r in results[0].rows:
         out.append(f"  {r.label}: {r.settings}")
     return "\n".join(out)
@@ -699,7 +704,7 @@ def render_markdown(results: list[Result], meta: dict) -> str:
         if body:
             out += [_md_table(head, body), ""]
         out += [f"- note: {n}" for n in res.notes]
-    out += ["", "## What each row ran", ""]
+    out += ["", "## What each row ran", "", SAME_FOR_ALL, ""]
     out += [f"- **{r.label}**: {r.settings}" for r in results[0].rows]
     out += ["", "`x floor` is time / the encoder GEMM's time; `x_hat err` is max |x_hat - reference.py's x_hat| / "
             "max |x_hat| from the first forward (a check that every row computes the same SAE).", ""]
