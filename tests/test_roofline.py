@@ -1,0 +1,185 @@
+"""The roofline model: its byte counts match the tensors the real ops produce, its arithmetic is the stated
+roofline, and everything it prints or saves says MODEL."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sae_fast
+from sae_fast import cli, roofline
+from sae_fast.bench import WORKLOADS
+from sae_fast.roofline import GPUS, Kernel, Shape
+
+B, D, N, K = 8, 16, 64, 4
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _kernel(kernels, prefix):
+    found = [k for k in kernels if k.name.startswith(prefix)]
+    assert len(found) == 1, f"expected one kernel named {prefix!r}, got {[k.name for k in found]}"
+    return found[0]
+
+
+def _tensors(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    W_enc, W_dec = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    b_enc, b_dec = torch.randn(N, generator=g), torch.randn(D, generator=g)
+    return x, *(t.to(dtype) for t in (W_enc, b_enc, W_dec, b_dec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype):
+    e = torch.empty((), dtype=dtype).element_size()
+    s = Shape(B, D, N, K, "topk", e=e, splits=3)
+    ks = roofline.sae_fast_kernels(s)
+    x32, W_enc, b_enc, W_dec, b_dec = _tensors(dtype)
+    x = x32.to(dtype)
+    with sae_fast.use_backend("torch"):
+        backend = sae_fast.get_backend("cpu")
+    pre, idx, _, _ = backend.topk_select(x, W_enc, b_enc, b_dec, K)
+    merge = _kernel(ks, "merge split-n partials")
+    assert merge.writes == {"pre": pre.nbytes, "idx": idx.nbytes}
+    # the split-n partials hold S candidate lists of k (fp32 score, int32 index) per row
+    assert merge.reads["partial scores"] == B * 3 * K * torch.empty((), dtype=torch.float32).element_size()
+    assert _kernel(ks, "fused encode GEMM").reads["W_enc"] == W_enc.nbytes
+    assert _kernel(ks, "fused encode GEMM").reads["x"] == 3 * x.nbytes  # re-read once per split
+
+    values = torch.relu(pre)
+    x_hat = backend.sparse_decode(values, idx, W_dec, b_dec)
+    dec = _kernel(ks, "sparse decode")
+    assert dec.writes == {"x_hat": x_hat.nbytes}
+    assert dec.reads == {"values": values.nbytes, "idx": idx.nbytes, "W_dec rows": W_dec[idx.long()].nbytes,
+                         "b_dec": b_dec.nbytes}
+
+    g = (x_hat - x).contiguous()
+    dv = backend.gather_dot(g, idx, W_dec)
+    gd = _kernel(ks, "gather-dot")
+    assert gd.writes == {"dv": dv.nbytes}
+    assert gd.reads["g"] == g.nbytes and gd.reads["W_dec rows"] == W_dec[idx.long()].nbytes
+    assert _kernel(ks, "loss backward").writes == {"g": g.nbytes}
+
+    xc = x - b_dec
+    dW_enc, db_enc, dW_dec = backend.latent_backward(idx, N, dp=dv, xc=xc, v=values, g=g)
+    lb = _kernel(ks, "latent-sorted backward")
+    assert lb.writes == {"dW_enc": dW_enc.nbytes, "db_enc": db_enc.nbytes, "dW_dec": dW_dec.nbytes}
+    rows = torch.arange(B).repeat_interleave(K)  # the row of each (row, slot) entry, gathered per latent
+    assert lb.reads["xc rows"] == xc[rows].nbytes and lb.reads["g rows"] == g[rows].nbytes
+    dx = backend.sparse_decode(dv, idx, W_enc)
+    assert _kernel(ks, "dx = sparse decode").writes == {"dx": dx.nbytes}
+
+    casts = [k for k in ks if k.name.startswith("cast weights")]
+    if dtype == torch.float32:
+        assert not casts and not [k for k in ks if k.name.startswith("cast gradients")]
+    else:  # autocast copies of the fp32 masters, and the gradients cast back
+        masters = [t.float() for t in (W_enc, W_dec, b_enc, b_dec)]
+        assert sum(casts[0].reads.values()) == sum(t.nbytes for t in masters)
+        assert sum(casts[0].writes.values()) == sum(t.to(dtype).nbytes for t in masters)
+        assert sum(_kernel(ks, "cast gradients").writes.values()) == sum(t.nbytes for t in masters)
+
+
+def test_optimizer_byte_counts_match_adam_state():
+    s = Shape(B, D, N, K, "topk", e=4)
+    params = [torch.nn.Parameter(t.float()) for t in _tensors(torch.float32)[1:]]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = [t for p in params for name, t in opt.state[p].items() if name in ("exp_avg", "exp_avg_sq")]
+    adam = _kernel(roofline.optimizer(s), "Adam")
+    p_bytes = sum(p.nbytes for p in params)
+    assert adam.reads == {"params": p_bytes, "grads": sum(p.grad.nbytes for p in params),
+                          "exp_avg": p_bytes, "exp_avg_sq": p_bytes}
+    assert sum(adam.writes.values()) == p_bytes + sum(t.nbytes for t in state)
+    assert s.params * 4 == p_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_peer_byte_counts_match_torch_tensors(dtype):
+    e = torch.empty((), dtype=dtype).element_size()
+    s = Shape(B, D, N, K, "topk", e=e)
+    ks = roofline.dense_kernels(s)
+    x32, W_enc, b_enc, W_dec, b_dec = _tensors(dtype)
+    xc = (x32.to(dtype) - b_dec)
+    pre = xc @ W_enc.T
+    gemm = _kernel(ks, "encoder GEMM")
+    assert gemm.writes == {"pre": pre.nbytes} and gemm.reads == {"xc": xc.nbytes, "W_enc": W_enc.nbytes}
+    assert gemm.flops == 2 * B * D * N
+    values, indices = torch.topk(pre, K, dim=-1)
+    assert _kernel(ks, "torch.topk").writes == {"values": values.nbytes, "indices": indices.nbytes}
+    acts = torch.zeros_like(pre).scatter_(-1, indices, values)
+    assert _kernel(ks, "dense activations").writes == {"acts": acts.nbytes}
+    g = torch.randn(B, D).to(dtype)
+    assert _kernel(ks, "decoder backward d_acts").writes == {"d_acts": (g @ W_dec.T).nbytes}
+    assert _kernel(ks, "decoder backward dW_dec").writes == {"dW_dec": (acts.T @ g).nbytes}
+    assert _kernel(ks, "encoder backward dW_enc").writes == {"dW_enc": (acts.T @ xc).nbytes}
+    assert sum(1 for k in ks if k.tensor_core) == 6  # the dense step's six GEMMs
+
+
+def test_sparsify_byte_counts_match_its_backward_tensors():
+    s = Shape(B, D, N, K, "topk", e=4)
+    ks = roofline.sparsify_kernels(s)
+    x32, W_enc, b_enc, W_dec, b_dec = _tensors(torch.float32)
+    xc = x32 - b_dec
+    pre = F.relu(F.linear(xc, W_enc, b_enc))
+    values, indices = pre.topk(K, sorted=False)
+    assert _kernel(ks, "torch.topk").writes == {"values": values.nbytes, "indices": indices.nbytes}
+    contributions = values.unsqueeze(2) * xc.unsqueeze(1)  # what its encoder backward materialises
+    assert _kernel(ks, "encoder bwd: contributions").writes == {"contributions": contributions.nbytes}
+    x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    dec = _kernel(ks, "embedding-bag decode")
+    assert dec.writes == {"x_hat": x_hat.nbytes} and dec.reads["W_dec rows"] == W_dec[indices].nbytes
+
+
+def test_relu_workload_counts_K_entries_per_row():
+    s = Shape(B, D, N, 5, "relu", e=4)
+    ks = roofline.sae_fast_kernels(s)
+    assert _kernel(ks, "fused encode GEMM + threshold").writes == {"pre": B * 5 * 4, "idx": B * 5 * 4}
+    assert not roofline.applies("sparsify", "relu") and roofline.applies("saelens", "relu")
+
+
+def test_time_is_the_roofline_max_of_compute_and_memory():
+    gpu = GPUS["h100"]
+    gemm = Kernel("g", "fwd", 2e12, True, {"a": 1e9}, {})
+    assert gemm.seconds(gpu, 2) == pytest.approx(2e12 / 989.4e12)
+    assert gemm.bound(gpu, 2) == "compute"
+    copy = Kernel("c", "fwd", 1e6, False, {"a": 3.35e9}, {"b": 3.35e9})
+    assert copy.seconds(gpu, 2) == pytest.approx(2e-3) and copy.bound(gpu, 2) == "memory"
+    assert GPUS["h200"].hbm_tb_s == 4.8 and GPUS["h100"].hbm_tb_s == 3.35
+    assert all("datasheet" in g.source for g in GPUS.values())
+
+
+def test_model_of_the_design_workloads_is_plausible():
+    gpu = GPUS["h100"]
+    w1, w2 = (roofline.model_workload(WORKLOADS[w], gpu) for w in ("w1", "w2"))
+    assert w2["encoder_gemm"]["seconds"] == pytest.approx(4 * w1["encoder_gemm"]["seconds"])  # n x4, compute-bound
+    for res in (w1, w2):
+        a = res["algorithms"]
+        ours = a["sae-fast"]["seconds"]
+        assert 1.0 < a["sae-fast"]["ratio_to_encoder_gemm"]["fwd"]  # never below its own GEMM
+        for peer in ("saelens", "saelens-rescale", "sparsify"):
+            assert ours["fwd_bwd"] < a[peer]["seconds"]["fwd_bwd"]
+        assert a["sae-fast+fused-opt"]["seconds"]["step"] < ours["step"]
+
+
+def test_cli_model_output_is_labelled_model(tmp_path, capsys):
+    assert cli.main(["bench", "--model", "h200", "--workload", "w1,w4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("MODEL") and "w1:" in out and "w4:" in out and "measured" not in out
+    data = json.loads((tmp_path / "model-h200-w1-w4.json").read_text())
+    assert data["kind"].startswith("MODEL") and data["gpu"]["hbm_tb_s"] == 4.8
+    assert (tmp_path / "model-h200-w1-w4.md").read_text().startswith("# MODEL")
+    assert cli.main(["bench", "--model", "a100", "--out", "-"]) == 2
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_committed_predictions_are_current(gpu):
+    path = REPO / "benchmarks" / "results" / f"model-{gpu}.json"
+    if not path.exists():
+        pytest.skip(f"{path} not committed")
+    committed = json.loads(path.read_text())["workloads"]
+    current = [roofline.model_workload(WORKLOADS[w], GPUS[gpu]) for w in ("w1", "w2", "w3", "w4")]
+    assert json.loads(json.dumps(current)) == committed, (
+        f"the model changed: re-run `sae-fast bench --model {gpu}` and commit benchmarks/results/model-{gpu}.*")
