@@ -185,6 +185,18 @@ def _check_code(values, indices, W_dec, b_dec) -> None:
 
 
 # ============================================================================ autograd Functions
+def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
+    """sum_b dL/dx[b] through the encoder, = sum_{b,j} dp[b,j] W_enc[idx[b,j]] = db_enc @ W_enc.
+
+    On GPUs the GEMV reads W_enc once instead of gathering B*k rows. Not on CPU: MKL's GEMV splits the sum
+    over n by thread count, and CPU gradients must be bitwise the same for any thread count."""
+    if dx is not None:
+        return dx.sum(0)
+    if db_enc is not None and W_enc.device.type != "cpu":
+        return db_enc.to(W_enc.dtype) @ W_enc
+    return backend.sparse_decode(dp, idx, W_enc).sum(0)
+
+
 class _Select(torch.autograd.Function):
     """Select entries of p = (x - b_dec) @ W_enc.T + b_enc without forming p; returns (pre, idx)."""
 
@@ -209,9 +221,9 @@ class _Select(torch.autograd.Function):
         dW_enc = db_enc = dx = None
         if need_W or need_b_enc:
             dW_enc, db_enc, _ = ctx.backend.latent_backward(idx, W_enc.shape[0], dp=dp, xc=x - b_dec)
-        if need_x or need_b_dec:
+        if need_x:
             dx = ctx.backend.sparse_decode(dp, idx, W_enc)
-        db_dec = -dx.sum(0) if need_b_dec else None
+        db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx) if need_b_dec else None
         return dx if need_x else None, dW_enc, db_enc, db_dec, None, None, None
 
 
@@ -268,13 +280,14 @@ class _TopKSAE(torch.autograd.Function):
             idx = torch.cat([idx, aux_idx], dim=1)
             v = torch.cat([values, torch.zeros_like(aux_pre)], dim=1)
         need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
-        dW_enc = db_enc = dW_dec = dx = None
+        dW_enc = db_enc = dW_dec = dx = db_dec = None
         if need_W_enc or need_b_enc or need_W_dec:
             dW_enc, db_enc, dW_dec = backend.latent_backward(
                 idx, ctx.n, dp=dp, xc=x - b_dec, v=v if need_W_dec else None, g=g)
-        if need_x or need_b_dec:
+        if need_x:
             dx = backend.sparse_decode(dp, idx, W_enc)
-        db_dec = g.sum(0) - dx.sum(0) if need_b_dec else None
+        if need_b_dec:
+            db_dec = g.sum(0) - _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx)
         return (dx if need_x else None, dW_enc if need_W_enc else None, db_enc if need_b_enc else None,
                 dW_dec, db_dec, None, None, None, None)
 
