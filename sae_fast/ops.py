@@ -185,6 +185,10 @@ def _check_code(values, indices, W_dec, b_dec) -> None:
 
 
 # ============================================================================ autograd Functions
+def _gemv_for_bias_grad(W_enc: Tensor) -> bool:
+    return W_enc.device.type != "cpu"
+
+
 def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
     """sum_b dL/dx[b] through the encoder, = sum_{b,j} dp[b,j] W_enc[idx[b,j]] = db_enc @ W_enc.
 
@@ -192,7 +196,7 @@ def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
     over n by thread count, and CPU gradients must be bitwise the same for any thread count."""
     if dx is not None:
         return dx.sum(0)
-    if db_enc is not None and W_enc.device.type != "cpu":
+    if db_enc is not None and _gemv_for_bias_grad(W_enc):
         return db_enc.to(W_enc.dtype) @ W_enc
     return backend.sparse_decode(dp, idx, W_enc).sum(0)
 

@@ -178,3 +178,18 @@ def test_gradcheck_sparse_backends_float64():
             assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec, b_dec))
             g = lambda We, be, bd: ops.relu_encode(x, We, be, bd)[0]
             assert torch.autograd.gradcheck(g, (W_enc, b_enc, b_dec))
+
+
+def test_b_dec_gradient_through_the_gemv_form(monkeypatch):
+    # GPUs take db_dec's encoder part as db_enc @ W_enc; check that form here by allowing it on CPU.
+    monkeypatch.setattr(ops, "_gemv_for_bias_grad", lambda W: True)
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(9, 5, 40)
+    dead = torch.arange(40) % 2 == 0
+    grads = {}
+    for backend in ["torch", "reference"]:
+        with sae_fast.use_backend(backend):
+            out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, 3, dead, 4)
+            v, i = ops.relu_encode(x, W_enc, b_enc, b_dec)
+            loss = out.x_hat.pow(2).sum() + out.aux_values.sum() + ops.sparse_decode(v, i, W_dec, b_dec).sum()
+            grads[backend] = torch.autograd.grad(loss, b_dec)[0]
+    torch.testing.assert_close(grads["torch"], grads["reference"], atol=1e-4, rtol=1e-4)
