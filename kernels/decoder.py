@@ -104,7 +104,7 @@ def sparse_decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, bias
     _sparse_decode_kernel[grid](
         values, idx, W, bias if bias is not None else W, out, K, d,
         values.stride(0), values.stride(1), idx.stride(0), idx.stride(1), W.stride(0), W.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps)
+        HAS_BIAS=bias is not None, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps, enable_fp_fusion=True)
     return out
 
 
@@ -122,5 +122,5 @@ def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, config: Deco
     _gather_dot_kernel[grid](
         g, idx, W, out, K, d,
         g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), W.stride(0), W.stride(1), out.stride(0),
-        BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps)
+        BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps, enable_fp_fusion=True)
     return out

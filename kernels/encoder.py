@@ -75,30 +75,32 @@ def _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, s
 
 @triton.jit
 def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr):
-    """Merge the tile's scores ``s`` (entries where ``ok``) into the running keys ``run`` (BLOCK_M, KP)."""
+    """Merge the tile's scores ``s`` (entries where ``ok``) into the running keys ``run`` (BLOCK_M, KP).
+    With SMALL < KP, a tile where some row has more than SMALL winners goes through tl.topk."""
     thr = tl.min(run, 1)
     thr_s = _key_score(thr)
     thr_l = _key_latent(thr)
     beats = (s > thr_s[:, None]) | ((s == thr_s[:, None]) & (cols[None, :] < thr_l[:, None]))
     cand = ok & beats
     most = tl.max(tl.sum(cand.to(tl.int32), 1), 0)
-    if most > SMALL:
-        keys = tl.where(cand, _key(s, cols[None, :]), _PAD_KEY)
-        best = tl.topk(keys, KP)
-        run = tl.topk(tl.reshape(tl.join(run, best), (run.shape[0], 2 * KP)), KP)
-    else:
-        slot = tl.arange(0, KP)
-        # The few winners, best first, each replacing its row's current minimum; after KP of them the
-        # rest of the tile cannot beat the list.
-        for _ in range(tl.minimum(most, KP)):
-            top_s = tl.max(tl.where(cand, s, _NEG_INF), 1)
-            top_l = tl.min(tl.where(cand & (s == top_s[:, None]), cols[None, :], _INT_MAX), 1)
-            new = _key(top_s, top_l)
-            low = tl.min(run, 1)
-            low_slot = tl.min(tl.where(run == low[:, None], slot[None, :], KP), 1)
-            put = (top_s > _NEG_INF) & (new > low)
-            run = tl.where(put[:, None] & (slot[None, :] == low_slot[:, None]), new[:, None], run)
-            cand = cand & (cols[None, :] != top_l[:, None])
+    if SMALL < KP:
+        if most > SMALL:
+            keys = tl.where(cand, _key(s, cols[None, :]), _PAD_KEY)
+            best = tl.topk(keys, KP)
+            run = tl.topk(tl.reshape(tl.join(run, best), (run.shape[0], 2 * KP)), KP)
+            most = 0
+    # The few winners, best first, each replacing its row's current minimum; after KP of them the rest
+    # of the tile cannot beat the list.
+    slot = tl.arange(0, KP)
+    for _ in range(tl.minimum(most, KP)):
+        top_s = tl.max(tl.where(cand, s, _NEG_INF), 1)
+        top_l = tl.min(tl.where(cand & (s == top_s[:, None]), cols[None, :], _INT_MAX), 1)
+        new = _key(top_s, top_l)
+        low = tl.min(run, 1)
+        low_slot = tl.min(tl.where(run == low[:, None], slot[None, :], KP), 1)
+        put = (top_s > _NEG_INF) & (new > low)
+        run = tl.where(put[:, None] & (slot[None, :] == low_slot[:, None]), new[:, None], run)
+        cand = cand & (cols[None, :] != top_l[:, None])
     return run
 
 
@@ -226,6 +228,7 @@ def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, 
 
 # ============================================================================ configs
 MAX_K = 128  # KP above this holds too many keys in registers; the backend falls back to plain torch
+MAX_K_AUX = 32  # a larger AuxK list does not fit beside the main one; the backend uses a GEMM over the dead rows
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ class EncoderConfig:
     num_warps: int
     num_stages: int
     splits: int
-    SMALL: int = 8  # a tile with more winners than this in some row is merged with tl.topk
+    SMALL: int  # < KP: a tile with more winners than this in some row is merged with tl.topk
 
 
 def _pow2(v: int) -> int:
@@ -259,28 +262,33 @@ def _pow2(v: int) -> int:
 
 
 def _splits(row_blocks: int, tiles: int, slots: int, min_tiles: int) -> int:
-    """Fewest n-splits that give the best wave efficiency: minimise ceil(programs / slots) / splits."""
+    """n-splits that minimise waves x program length, a program costing its tiles plus about two tiles
+    of fixed work (filling the first list, writing partials, its share of the merge)."""
     best, best_cost = 1, math.inf
     for s in range(1, max(1, tiles // min_tiles) + 1):
-        cost = math.ceil(row_blocks * s / slots) / s
-        if cost < best_cost - 1e-9:
+        cost = math.ceil(row_blocks * s / slots) * (math.ceil(tiles / s) + 2)
+        if cost < best_cost:
             best, best_cost = s, cost
     return best
 
 
-def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Device) -> EncoderConfig:
-    """The tile config the launchers use. GPU: 64x128 tiles, 8 warps, a K step of 128 bytes; splits
-    fill the SMs. Interpreter: small tiles (it runs each program in numpy)."""
+def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Device, aux: bool = False,
+                   threshold: bool = False) -> EncoderConfig:
+    """The tile config the launchers use, chosen with the static checks (kernels/resources.py): the
+    largest tiles that compile without spills for sm_80 and sm_90. GPU: 64-row tiles (Hopper's warpgroup
+    MMA needs them), 8 warps, 3 stages; 128 latents x 64 of d per step for 16-bit inputs, 64 x 16 for
+    fp32 (tf32x3 triples the operand registers; 64 x 8 beside an AuxK list); 64 latents for the
+    threshold kernel (its scan needs registers); winners merged one at a time (tl.topk's sorting network costs about
+    80 more registers per thread). Splits fill the SMs. Interpreter: small tiles (it runs numpy)."""
     if dev.cap == 0:
         bn = max(32, kp)
         bk = min(32, max(16, _pow2(d)))
-        # SMALL = kp: winners one at a time only (tl.topk is slow in the interpreter; a test covers it).
         return EncoderConfig(16, bn, bk, 4, 1, _splits(triton.cdiv(B, 16), triton.cdiv(n, bn), dev.sms, 2), kp)
-    bk = min(64 if dtype.itemsize <= 2 else 32, max(16, _pow2(d)))
-    bn = max(128, kp)
-    bm = 64 if kp <= 64 else 32
-    stages = 3 if dev.cap >= 80 else 2
-    return EncoderConfig(bm, bn, bk, 8, stages, _splits(triton.cdiv(B, bm), triton.cdiv(n, bn), dev.sms, 8))
+    wide = dtype.itemsize <= 2 and not threshold
+    bn = max(128 if wide else 64, kp)
+    bk = 64 if dtype.itemsize <= 2 else (8 if aux else 16)
+    bk = min(bk, max(16 if dtype.itemsize <= 2 else 8, _pow2(d)))
+    return EncoderConfig(64, bn, bk, 8, 3, _splits(triton.cdiv(B, 64), triton.cdiv(n, bn), dev.sms, 8), kp)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -301,7 +309,7 @@ def fold_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> 
     block_n = 32 if W_enc.device.type == "cpu" else 64
     _fold_bias_kernel[(triton.cdiv(n, block_n),)](
         W_enc, b_enc.contiguous(), b_dec.contiguous(), c, n, d, W_enc.stride(0), W_enc.stride(1),
-        BLOCK_N=block_n, BLOCK_K=min(128, _pow2(d)), num_warps=4)
+        BLOCK_N=block_n, BLOCK_K=min(128, _pow2(d)), num_warps=4, enable_fp_fusion=True)
     return c
 
 
@@ -321,12 +329,13 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
     B, d = x.shape
     n = W_enc.shape[0]
     assert W_enc.shape == (n, d) and c.shape == (n,) and c.dtype == torch.float32
-    assert 1 <= k <= n and k <= MAX_K and (not k_aux or (dead_mask is not None and dead_mask.shape == (n,)))
+    assert 1 <= k <= n and k <= MAX_K and k_aux <= MAX_K_AUX
+    assert not k_aux or (dead_mask is not None and dead_mask.shape == (n,))
     assert x.dtype == W_enc.dtype and x.device == W_enc.device == c.device
     out_dtype = out_dtype or x.dtype
     kp, kp_aux = _pow2(k), _pow2(max(k_aux, 1))
     dev = Device.of(x)
-    cfg = config or encoder_config(B, d, n, max(kp, kp_aux if k_aux else 1), x.dtype, dev)
+    cfg = config or encoder_config(B, d, n, max(kp, kp_aux if k_aux else 1), x.dtype, dev, aux=bool(k_aux))
     grid, per_split, S = _grid_args(x, W_enc, cfg)
     part = torch.empty(B, S, kp, dtype=torch.int64, device=x.device)
     aux_part = torch.empty(B, S, kp_aux, dtype=torch.int64, device=x.device) if k_aux else part
@@ -336,7 +345,7 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         KP=kp, KP_AUX=kp_aux, HAS_AUX=bool(k_aux), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         BLOCK_K=cfg.BLOCK_K, SMALL=cfg.SMALL, DOT_FP32=dev.cap == 0 and x.dtype != torch.float32,
-        PRECISION=precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     pre, idx = _merge(part, k, out_dtype)
     aux_pre = aux_idx = None
     if k_aux:
@@ -351,7 +360,42 @@ def _merge(part: torch.Tensor, k: int, out_dtype: torch.dtype):
     idx = torch.empty(B, k, dtype=torch.int32, device=part.device)
     bm = merge_block_m(sp * kp)
     _topk_merge_kernel[(triton.cdiv(B, bm),)](part, pre, idx, B, S, k, pre.stride(0), KP=kp, SP=sp, BLOCK_M=bm,
-                                              num_warps=4)
+                                              num_warps=4, enable_fp_fusion=True)
+    return pre, idx
+
+
+def threshold_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int,
+                      config: EncoderConfig | None = None):
+    """First pass of threshold_select: per (row, split) lists (pre (B, S, cap), idx (B, S, cap)) and the
+    true counts (B, S) int32, which exceed ``capacity`` where a list overflowed."""
+    B, d = x.shape
+    n = W_enc.shape[0]
+    assert W_enc.shape == (n, d) and c.shape == (n,) and cutoff.shape == (n,) and capacity >= 1
+    assert x.dtype == W_enc.dtype and x.device == W_enc.device == c.device == cutoff.device
+    dev = Device.of(x)
+    cfg = config or encoder_config(B, d, n, 1, x.dtype, dev, threshold=True)
+    grid, per_split, S = _grid_args(x, W_enc, cfg)
+    part_pre = torch.empty(B, S, capacity, dtype=x.dtype, device=x.device)
+    part_idx = torch.empty(B, S, capacity, dtype=torch.int32, device=x.device)
+    count = torch.empty(B, S, dtype=torch.int32, device=x.device)
+    _threshold_partial_kernel[grid](
+        x, W_enc, c, cutoff.contiguous(), part_pre, part_idx, count, B, n, d, per_split, capacity,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_FP32=dev.cap == 0 and x.dtype != torch.float32, PRECISION=precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    return part_pre, part_idx, count
+
+
+def threshold_compact(part_pre: torch.Tensor, part_idx: torch.Tensor, count: torch.Tensor, K: int):
+    """Pack the (row, split) lists (none overflowed) into (B, K) rows: pre padded with -inf, idx with 0."""
+    B, S, capacity = part_pre.shape
+    assert part_idx.shape == part_pre.shape and count.shape == (B, S) and K >= 1
+    offsets = (torch.cumsum(count, 1, dtype=torch.int64) - count).contiguous()
+    pre = torch.full((B, K), float("-inf"), dtype=part_pre.dtype, device=part_pre.device)
+    idx = torch.zeros((B, K), dtype=torch.int32, device=part_pre.device)
+    _compact_kernel[(B, S)](part_pre, part_idx, count, offsets, pre, idx, S, capacity, pre.stride(0),
+                            BLOCK=min(1024, _pow2(max(capacity, 16))), num_warps=4, enable_fp_fusion=True)
     return pre, idx
 
 
@@ -360,33 +404,10 @@ def threshold_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cuto
     """Every entry with p > cutoff[latent]: (pre (B, K) in x's dtype, padded with -inf; idx (B, K) int32,
     padded with 0; per-split capacity needed). Entries are in ascending latent order per row. A first
     pass with ``capacity`` slots per (row, split) that overflows is rerun with the exact capacity."""
-    B, d = x.shape
-    n = W_enc.shape[0]
-    assert W_enc.shape == (n, d) and c.shape == (n,) and cutoff.shape == (n,) and capacity >= 1
-    assert x.dtype == W_enc.dtype and x.device == W_enc.device == c.device == cutoff.device
-    dev = Device.of(x)
-    cfg = config or encoder_config(B, d, n, 1, x.dtype, dev)
-    grid, per_split, S = _grid_args(x, W_enc, cfg)
-    cutoff = cutoff.contiguous()
-    count = torch.empty(B, S, dtype=torch.int32, device=x.device)
-    for _ in range(2):
-        part_pre = torch.empty(B, S, capacity, dtype=x.dtype, device=x.device)
-        part_idx = torch.empty(B, S, capacity, dtype=torch.int32, device=x.device)
-        _threshold_partial_kernel[grid](
-            x, W_enc, c, cutoff, part_pre, part_idx, count, B, n, d, per_split, capacity,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-            DOT_FP32=dev.cap == 0 and x.dtype != torch.float32, PRECISION=precision(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        need = int(count.max())
-        if need <= capacity:
-            break
-        capacity = need  # overflow: the counts are exact, so one rerun always fits
-    totals = count.sum(1, dtype=torch.int64)
-    K = max(int(totals.max()), 1)
-    offsets = (torch.cumsum(count, 1, dtype=torch.int64) - count).contiguous()
-    pre = torch.full((B, K), float("-inf"), dtype=x.dtype, device=x.device)
-    idx = torch.zeros((B, K), dtype=torch.int32, device=x.device)
-    _compact_kernel[(B, S)](part_pre, part_idx, count, offsets, pre, idx, S, capacity, pre.stride(0),
-                            BLOCK=min(1024, _pow2(max(capacity, 16))), num_warps=4)
+    part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, capacity, config)
+    need = int(count.max())
+    if need > capacity:  # the counts are exact, so one rerun always fits
+        part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, need, config)
+    K = max(int(count.sum(1).max()), 1)
+    pre, idx = threshold_compact(part_pre, part_idx, count, K)
     return pre, idx, need

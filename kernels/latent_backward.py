@@ -128,5 +128,5 @@ def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, x
         *(v.stride() if has_dec else (0, 0)), *(g.stride() if has_dec else (0, 0)),
         dW_enc.stride(0) if has_enc else 0, dW_dec.stride(0) if has_dec else 0,
         HAS_ENC=has_enc, HAS_DEC=has_dec, BLOCK_L=cfg.BLOCK_L, BLOCK_E=cfg.BLOCK_E, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, enable_fp_fusion=True)
     return dW_enc, db_enc, dW_dec

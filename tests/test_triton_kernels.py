@@ -145,6 +145,18 @@ def test_k_above_fused_limit_falls_back_to_torch():
     torch.testing.assert_close(v, rv)
 
 
+def test_large_auxk_comes_from_a_gemm_over_dead_rows():
+    n, k, k_aux = 120, 3, enc.MAX_K_AUX + 7
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(6, 5, n, requires_grad=False, seed=8)
+    dead = torch.arange(n) % 3 != 0  # 80 dead latents
+    with sae_fast.use_backend("triton"):
+        out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
+    with sae_fast.use_backend("reference"):
+        ref = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.aux_indices, ref.aux_indices)
+    torch.testing.assert_close(out.aux_values, ref.aux_values)
+
+
 def test_threshold_capacity_overflow_reruns_exactly():
     B, d, n = 9, 8, 100
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, requires_grad=False, seed=5)

@@ -4,7 +4,8 @@ CPU tensors are accepted only when the process started with ``TRITON_INTERPRET=1
 interpreter runs the same kernels in numpy; that is how they are tested without a GPU) and only when
 forced: ops.py never picks this backend for CPU tensors by default. Triton and the kernels are imported
 on first use, so importing this module is cheap and needs no GPU. Primitives fall back to the
-plain-torch ``SparseBackend`` for float64 (no tensor cores) and for k above ``encoder.MAX_K``.
+plain-torch ``SparseBackend`` for float64 (no tensor cores) and for k above ``encoder.MAX_K``; an
+AuxK list above ``encoder.MAX_K_AUX`` comes from a GEMM over the dead latents' rows only.
 """
 from __future__ import annotations
 
@@ -50,10 +51,16 @@ class TritonBackend(SparseBackend):
 
     def _topk_acc(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         enc = self._kernels("encoder")
-        if not self._native(x) or max(k, k_aux) > enc.MAX_K:
+        if not self._native(x) or k > enc.MAX_K:
             return super()._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         c = self._fold(W_enc, b_enc, b_dec)
-        return enc.topk_select(x, W_enc, c, k, dead_mask, k_aux, out_dtype=torch.float32)
+        if k_aux <= enc.MAX_K_AUX:
+            return enc.topk_select(x, W_enc, c, k, dead_mask, k_aux, out_dtype=torch.float32)
+        # A large AuxK (the default is d_in / 2) over the dead latents only: a GEMM over those rows.
+        pre, idx, _, _ = enc.topk_select(x, W_enc, c, k, out_dtype=torch.float32)
+        dead = dead_mask.nonzero().squeeze(1)
+        aux_pre, aux_pos, _, _ = super()._topk_acc(x, W_enc[dead], b_enc[dead], b_dec, k_aux)
+        return pre, idx, aux_pre, dead[aux_pos.long()].to(idx.dtype)
 
     def threshold_select(self, x, W_enc, b_enc, b_dec, cutoff):
         if not self._native(x):
