@@ -2,7 +2,7 @@
 shared memory, tensor-core instructions) to benchmarks/results/. No GPU needed: the kernels are compiled
 for sm_80 and sm_90 with the triton wheel's compiler and read with its cuobjdump.
 
-    python benchmarks/triton_resources.py            # -> benchmarks/results/triton_resources.{md,json}
+    python benchmarks/triton_resources.py   # -> benchmarks/results/triton_resources_triton-<version>.{md,json}
 
 Exits non-zero when a launch spills, overflows shared memory, cannot fit an SM, or a GEMM kernel has
 no tensor-core instructions. Triton's compile cache goes to a temporary directory.
@@ -20,11 +20,13 @@ def main() -> int:
         sys.exit("unset TRITON_INTERPRET: this script compiles the kernels")
     with tempfile.TemporaryDirectory() as home:
         os.environ["TRITON_HOME"] = home  # the compile cache lives and dies here
+        import triton
+
         from sae_fast.kernels import resources
 
         RESULTS.mkdir(exist_ok=True)
-        return resources.main(["--json", str(RESULTS / "triton_resources.json"),
-                               "--markdown", str(RESULTS / "triton_resources.md"), *sys.argv[1:]],
+        stem = RESULTS / f"triton_resources_triton-{triton.__version__}"
+        return resources.main(["--json", f"{stem}.json", "--markdown", f"{stem}.md", *sys.argv[1:]],
                               command=" ".join(["python benchmarks/triton_resources.py", *sys.argv[1:]]))
 
 

@@ -231,6 +231,13 @@ MAX_K = 128  # KP above this holds too many keys in registers; the backend falls
 MAX_K_AUX = 32  # a larger AuxK list does not fit beside the main one; the backend uses a GEMM over the dead rows
 
 
+def fuses_aux(k_aux: int, dtype: torch.dtype) -> bool:
+    """Whether the AuxK list rides in the encoder pass: small lists beside 16-bit tiles. fp32 tiles
+    (tf32x3) leave no registers for it, and Triton before 3.9 needs a K step of 16, so fp32 AuxK is a
+    GEMM over the dead rows."""
+    return 0 < k_aux <= MAX_K_AUX and dtype.itemsize <= 2
+
+
 @dataclass(frozen=True)
 class Device:
     """What the configs depend on: compute capability (major*10+minor; 0 = Triton's CPU interpreter)
@@ -277,7 +284,7 @@ def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Dev
     """The tile config the launchers use, chosen with the static checks (kernels/resources.py): the
     largest tiles that compile without spills for sm_80 and sm_90. GPU: 64-row tiles (Hopper's warpgroup
     MMA needs them), 8 warps, 3 stages; 128 latents x 64 of d per step for 16-bit inputs, 64 x 16 for
-    fp32 (tf32x3 triples the operand registers; 64 x 8 beside an AuxK list); 64 latents for the
+    fp32 (tf32x3 triples the operand registers); 64 latents for the
     threshold kernel (its scan needs registers); winners merged one at a time (tl.topk's sorting network costs about
     80 more registers per thread). Splits fill the SMs. Interpreter: small tiles (it runs numpy)."""
     if dev.cap == 0:
@@ -286,8 +293,7 @@ def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Dev
         return EncoderConfig(16, bn, bk, 4, 1, _splits(triton.cdiv(B, 16), triton.cdiv(n, bn), dev.sms, 2), kp)
     wide = dtype.itemsize <= 2 and not threshold
     bn = max(128 if wide else 64, kp)
-    bk = 64 if dtype.itemsize <= 2 else (8 if aux else 16)
-    bk = min(bk, max(16 if dtype.itemsize <= 2 else 8, _pow2(d)))
+    bk = min(64 if dtype.itemsize <= 2 else 16, max(16, _pow2(d)))
     return EncoderConfig(64, bn, bk, 8, 3, _splits(triton.cdiv(B, 64), triton.cdiv(n, bn), dev.sms, 8), kp)
 
 

@@ -5,7 +5,9 @@ program per block of latents writes whole gradient rows:
 
 Each row is summed by one program in a fixed order (the stable sort keeps row order), so there are no
 atomics and the gradients are bitwise deterministic; latents without entries get their zero rows in the
-same pass (no separate memset). The sort is torch's (a radix sort on CUDA).
+same pass (no separate memset). Entries whose coefficients are all zero (padding of variable-length
+codes, inactive TopK entries) add nothing and are sorted past the last latent, so padding that points at
+latent 0 does not pile onto one program. The sort is torch's (a radix sort on CUDA).
 """
 from __future__ import annotations
 
@@ -81,17 +83,19 @@ def _pow2(v: int) -> int:
 def latent_backward_config(n: int, d: int, entries_per_latent: float) -> LatentBackwardConfig:
     """Entry chunks sized to the average latent's entry count (most latents are rare), d in blocks of
     at most 256 so (BLOCK_E, BLOCK_D) tiles stay small."""
-    be = min(32, max(4, _pow2(int(entries_per_latent) + 1)))
+    be = min(8, max(4, _pow2(int(entries_per_latent) + 1)))
     bd = min(256, max(16, _pow2(d)))
     bl = 4 if n >= 4096 else 1
     return LatentBackwardConfig(bl, be, bd, 4)
 
 
 # ============================================================================ launchers
-def sort_by_latent(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_latent(idx: torch.Tensor, n: int, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR of the pairs by latent: entries (B*K,) int64 flat positions b*K + j in (latent, row) order,
-    offsets (n + 1,) int64."""
+    offsets (n + 1,) int64. Pairs where ``live`` is False go after latent n - 1, outside every range."""
     flat = idx.reshape(-1)
+    if live is not None:
+        flat = torch.where(live.reshape(-1), flat, torch.full_like(flat, n))
     lat, entries = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(lat, torch.arange(n + 1, device=idx.device, dtype=lat.dtype))
     return entries.contiguous(), offsets.contiguous()
@@ -116,7 +120,10 @@ def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, x
     dW_enc = torch.empty(n, d, dtype=xc.dtype, device=dev) if has_enc else None
     db_enc = torch.empty(n, dtype=xc.dtype, device=dev) if has_enc else None
     dW_dec = torch.empty(n, d, dtype=g.dtype, device=dev) if has_dec else None
-    entries, offsets = sort_by_latent(idx, n)
+    live = (dp != 0) if has_enc else None
+    if has_dec:
+        live = (v != 0) if live is None else live | (v != 0)
+    entries, offsets = sort_by_latent(idx, n, live)
     cfg = config or latent_backward_config(n, d, B * K / max(n, 1))
     grid = (triton.cdiv(n, cfg.BLOCK_L), triton.cdiv(d, cfg.BLOCK_D))
     dummy = ref

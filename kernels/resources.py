@@ -37,7 +37,7 @@ WORKLOADS = {
     "W3": dict(B=4096, d=4096, n=65536, k=64, act="topk"),
     "W4": dict(B=4096, d=768, n=32768, k=64, act="relu"),
 }
-AUX_K = 32  # AuxK in the fused pass: the largest k_aux the encoder kernel takes (encoder.MAX_K_AUX)
+AUX_K = 32  # AuxK in the fused pass (16-bit inputs): the largest k_aux it takes (encoder.MAX_K_AUX)
 W4_MAX_ROW = 256  # W4: padded code width (largest L0 in a batch at a mean of 64), per-split list capacity
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Per-target limits: SM count of the reference part (A100 SXM, H100 SXM), the largest shared memory one
@@ -115,7 +115,8 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         if w["act"] == "topk":
             K = k
             encoder.topk_select(x, W_enc, c, k, out_dtype=torch.float32)
-            encoder.topk_select(x, W_enc, c, k, torch.empty(n, dtype=torch.bool, **meta), AUX_K, torch.float32)
+            if encoder.fuses_aux(AUX_K, dt):
+                encoder.topk_select(x, W_enc, c, k, torch.empty(n, dtype=torch.bool, **meta), AUX_K, torch.float32)
         else:
             K = W4_MAX_ROW
             parts = encoder.threshold_partial(x, W_enc, c, torch.empty(n, dtype=dt, **meta), W4_MAX_ROW)
@@ -248,7 +249,7 @@ def markdown(rows: list[dict], command: str) -> str:
     return (f"# Triton kernels: static resource usage (compiled, not run)\n\nMade by `{command}` "
             f"(triton {_triton_version()}, no GPU: cubins from `triton.compile` for each target, read with "
             f"`cuobjdump`). Every launch of one training step of each DESIGN.md workload, with the config its "
-            f"launcher picks for the target's SM count. W4: ReLU, code padded to {W4_MAX_ROW}; the top-k "
+            f"launcher picks for the target's SM count. W4: ReLU, code padded to {W4_MAX_ROW}; the bf16 top-k "
             f"encoder also appears with a fused AuxK list of {AUX_K}.\n\n" + head + body)
 
 

@@ -226,6 +226,24 @@ def test_latent_backward_writes_zero_rows_and_is_deterministic(monkeypatch):
     assert only_dec[0] is None and only_dec[1] is None and torch.equal(only_dec[2], second[2])
 
 
+def test_latent_backward_skips_zero_padding():
+    # A padded code: most slots point at latent 0 with zero coefficients (they must add nothing, and
+    # must not be queued on latent 0's program).
+    B, K, n, d = 6, 8, 30, 7
+    g = torch.Generator().manual_seed(9)
+    idx = torch.zeros(B, K, dtype=torch.int32)
+    idx[:, :2] = torch.randint(0, n, (B, 2), generator=g, dtype=torch.int32)
+    dp = torch.zeros(B, K)
+    dp[:, :2] = torch.randn(B, 2, generator=g)
+    xc = torch.randn(B, d, generator=g)
+    entries, offsets = lb.sort_by_latent(idx, n, dp != 0)
+    assert int(offsets[-1]) == int((dp != 0).sum())  # only live pairs fall inside latent ranges
+    got = lb.latent_backward(idx, n, dp, xc)
+    expected = SparseBackend().latent_backward(idx, n, dp, xc)
+    for a, e in zip(got[:2], expected[:2]):
+        _close(a, e, 1e-5, 1e-5, "latent_backward with padding")
+
+
 # ----------------------------------------------------------------------------- dispatch and fallbacks
 def test_cpu_tensors_need_the_interpreter_and_are_never_the_default(monkeypatch):
     backend = ops._BACKENDS["triton"]

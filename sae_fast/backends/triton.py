@@ -5,7 +5,7 @@ interpreter runs the same kernels in numpy; that is how they are tested without 
 forced: ops.py never picks this backend for CPU tensors by default. Triton and the kernels are imported
 on first use, so importing this module is cheap and needs no GPU. Primitives fall back to the
 plain-torch ``SparseBackend`` for float64 (no tensor cores) and for k above ``encoder.MAX_K``; an
-AuxK list above ``encoder.MAX_K_AUX`` comes from a GEMM over the dead latents' rows only.
+AuxK list the encoder pass does not take (``encoder.fuses_aux``) comes from a GEMM over the dead rows.
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ class TritonBackend(SparseBackend):
         if not self._native(x) or k > enc.MAX_K:
             return super()._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         c = self._fold(W_enc, b_enc, b_dec)
-        if k_aux <= enc.MAX_K_AUX:
+        if not k_aux or enc.fuses_aux(k_aux, x.dtype):
             return enc.topk_select(x, W_enc, c, k, dead_mask, k_aux, out_dtype=torch.float32)
-        # A large AuxK (the default is d_in / 2) over the dead latents only: a GEMM over those rows.
+        # A large AuxK list (the default is d_in / 2), or one beside fp32 tiles: a GEMM over the dead rows.
         pre, idx, _, _ = enc.topk_select(x, W_enc, c, k, out_dtype=torch.float32)
         dead = dead_mask.nonzero().squeeze(1)
         aux_pre, aux_pos, _, _ = super()._topk_acc(x, W_enc[dead], b_enc[dead], b_dec, k_aux)
