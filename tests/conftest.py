@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
-import sae_fast
-from sae_fast import ops
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter, which has to be
+# chosen before triton is first imported (it never becomes the default backend for CPU tensors).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sae_fast  # noqa: E402
+from sae_fast import ops  # noqa: E402
 
 # The sparse backends that run CPU tensors here (triton only under TRITON_INTERPRET=1; its own tests cover it).
 CPU_BACKENDS = [b for b in ("torch", "cpu") if b in ops.available_backends()]

@@ -1,0 +1,139 @@
+"""Latent-sorted backward: the B*K (row, latent) pairs of a sparse code sorted by latent (CSR), then one
+program per block of latents writes whole gradient rows:
+
+    dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b]     db_enc[i] = sum dp[b,j]     dW_dec[i] = sum v[b,j] * g[b]
+
+Each row is summed by one program in a fixed order (the stable sort keeps row order), so there are no
+atomics and the gradients are bitwise deterministic; latents without entries get their zero rows in the
+same pass (no separate memset). Entries whose coefficients are all zero (padding of variable-length
+codes, inactive TopK entries) add nothing and are sorted past the last latent, so padding that points at
+latent 0 does not pile onto one program. The sort is torch's (a radix sort on CUDA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ============================================================================ kernels
+@triton.jit
+def _latent_backward_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dW_enc_ptr, db_enc_ptr, dW_dec_ptr,
+                            n, d, K,
+                            stride_dpb, stride_dpk, stride_xb, stride_xd, stride_vb, stride_vk, stride_gb, stride_gd,
+                            stride_encn, stride_decn,
+                            HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
+                            BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (latent block, d block): rows [l0, l0 + BLOCK_L) of the gradients, columns ds."""
+    l0 = tl.program_id(0) * BLOCK_L
+    first_d = tl.program_id(1) == 0
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < d
+    es = tl.arange(0, BLOCK_E)
+    for li in range(BLOCK_L):
+        lat = l0 + li
+        lat_ok = lat < n
+        start = tl.load(offset_ptr + lat, mask=lat_ok, other=0)
+        end = tl.load(offset_ptr + lat + 1, mask=lat_ok, other=0)
+        acc_enc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_dec = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            e_ok = (e0 + es) < end
+            entry = tl.load(entry_ptr + e0 + es, mask=e_ok, other=0)
+            row = entry // K
+            col = entry % K
+            if HAS_ENC:
+                c = tl.load(dp_ptr + row * stride_dpb + col * stride_dpk, mask=e_ok, other=0.0).to(tl.float32)
+                xr = tl.load(xc_ptr + row[:, None] * stride_xb + ds[None, :] * stride_xd,
+                             mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc_enc += tl.sum(c[:, None] * xr, 0)
+                acc_b += c
+            if HAS_DEC:
+                c = tl.load(v_ptr + row * stride_vb + col * stride_vk, mask=e_ok, other=0.0).to(tl.float32)
+                gr = tl.load(g_ptr + row[:, None] * stride_gb + ds[None, :] * stride_gd,
+                             mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc_dec += tl.sum(c[:, None] * gr, 0)
+        # (a block comparison, not a scalar mask splatted: the interpreter turns splatted bools into int32)
+        out_ok = d_ok & ((ds * 0 + lat) < n)
+        if HAS_ENC:
+            tl.store(dW_enc_ptr + lat.to(tl.int64) * stride_encn + ds, acc_enc.to(dW_enc_ptr.dtype.element_ty),
+                     mask=out_ok)
+            tl.store(db_enc_ptr + lat, tl.sum(acc_b, 0).to(db_enc_ptr.dtype.element_ty), mask=lat_ok & first_d)
+        if HAS_DEC:
+            tl.store(dW_dec_ptr + lat.to(tl.int64) * stride_decn + ds, acc_dec.to(dW_dec_ptr.dtype.element_ty),
+                     mask=out_ok)
+
+
+# ============================================================================ configs
+@dataclass(frozen=True)
+class LatentBackwardConfig:
+    BLOCK_L: int
+    BLOCK_E: int
+    BLOCK_D: int
+    num_warps: int
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def latent_backward_config(n: int, d: int, entries_per_latent: float) -> LatentBackwardConfig:
+    """Entry chunks sized to the average latent's entry count (most latents are rare), d in blocks of
+    at most 256 so (BLOCK_E, BLOCK_D) tiles stay small."""
+    be = min(8, max(4, _pow2(int(entries_per_latent) + 1)))
+    bd = min(256, max(16, _pow2(d)))
+    bl = 4 if n >= 4096 else 1
+    return LatentBackwardConfig(bl, be, bd, 4)
+
+
+# ============================================================================ launchers
+def sort_by_latent(idx: torch.Tensor, n: int, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the pairs by latent: entries (B*K,) int64 flat positions b*K + j in (latent, row) order,
+    offsets (n + 1,) int64. Pairs where ``live`` is False go after latent n - 1, outside every range."""
+    flat = idx.reshape(-1)
+    if live is not None:
+        flat = torch.where(live.reshape(-1), flat, torch.full_like(flat, n))
+    lat, entries = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(lat, torch.arange(n + 1, device=idx.device, dtype=lat.dtype))
+    return entries.contiguous(), offsets.contiguous()
+
+
+def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, xc: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None, g: torch.Tensor | None = None,
+                    config: LatentBackwardConfig | None = None):
+    """(dW_enc (n, d) in xc's dtype, db_enc (n,), dW_dec (n, d) in g's dtype); a pair left as None
+    gives None. idx must lie in [0, n)."""
+    assert idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)
+    B, K = idx.shape
+    has_enc, has_dec = dp is not None, v is not None
+    assert has_enc == (xc is not None) and has_dec == (g is not None) and (has_enc or has_dec)
+    ref = xc if has_enc else g
+    d = ref.shape[1]
+    for t in (dp, v):
+        assert t is None or (t.shape == (B, K) and t.device == idx.device)
+    for t in (xc, g):
+        assert t is None or (t.shape == (B, d) and t.device == idx.device)
+    dev = idx.device
+    dW_enc = torch.empty(n, d, dtype=xc.dtype, device=dev) if has_enc else None
+    db_enc = torch.empty(n, dtype=xc.dtype, device=dev) if has_enc else None
+    dW_dec = torch.empty(n, d, dtype=g.dtype, device=dev) if has_dec else None
+    live = (dp != 0) if has_enc else None
+    if has_dec:
+        live = (v != 0) if live is None else live | (v != 0)
+    entries, offsets = sort_by_latent(idx, n, live)
+    cfg = config or latent_backward_config(n, d, B * K / max(n, 1))
+    grid = (triton.cdiv(n, cfg.BLOCK_L), triton.cdiv(d, cfg.BLOCK_D))
+    dummy = ref
+    _latent_backward_kernel[grid](
+        entries, offsets, dp if has_enc else dummy, xc if has_enc else dummy, v if has_dec else dummy,
+        g if has_dec else dummy, dW_enc if has_enc else dummy, db_enc if has_enc else dummy,
+        dW_dec if has_dec else dummy, n, d, K,
+        *(dp.stride() if has_enc else (0, 0)), *(xc.stride() if has_enc else (0, 0)),
+        *(v.stride() if has_dec else (0, 0)), *(g.stride() if has_dec else (0, 0)),
+        dW_enc.stride(0) if has_enc else 0, dW_dec.stride(0) if has_dec else 0,
+        HAS_ENC=has_enc, HAS_DEC=has_dec, BLOCK_L=cfg.BLOCK_L, BLOCK_E=cfg.BLOCK_E, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, enable_fp_fusion=True)
+    return dW_enc, db_enc, dW_dec
