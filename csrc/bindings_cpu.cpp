@@ -34,11 +34,9 @@ PYBIND11_MODULE(_C, m) {
                               P<float>(dW_dec), threads);
   }, nogil);
 
-  m.def("have_fused_gemm", &sae_fast::have_fused_gemm);
-
-  m.def("topk_encode", [](ptr xc, ptr W, ptr b_enc, int64_t B, int64_t d, int64_t n, int64_t k, ptr dead,
+  m.def("topk_encode", [](ptr sgemm, ptr xc, ptr W, ptr b_enc, int64_t B, int64_t d, int64_t n, int64_t k, ptr dead,
                           int64_t k_aux, ptr pre, ptr idx, ptr aux_pre, ptr aux_idx, int threads) {
-    sae_fast::topk_encode(P<const float>(xc), P<const float>(W), P<const float>(b_enc), B, d, n, k,
+    sae_fast::topk_encode(reinterpret_cast<sae_fast::SgemmFn>(sgemm), P<const float>(xc), P<const float>(W), P<const float>(b_enc), B, d, n, k,
                           P<const uint8_t>(dead), k_aux, P<float>(pre), P<int32_t>(idx), P<float>(aux_pre),
                           P<int32_t>(aux_idx), threads);
   }, nogil);

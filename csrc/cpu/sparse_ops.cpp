@@ -1,5 +1,6 @@
 #include "sparse_ops.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -43,42 +44,94 @@ void gather_dot(const float* g, const int32_t* idx, const float* W, float* out,
       out[b * K + j] = dot(g + b * d, W + static_cast<int64_t>(idx[b * K + j]) * d, d);
 }
 
+namespace {
+
+// Stable counting sort of the E = B*K entries by latent: start (n+1) and entry ids in (latent, entry)
+// order. A stable sort has one answer, so splitting the histogram over threads changes nothing.
+void sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int threads, std::vector<int64_t>& start,
+                    std::vector<int64_t>& entry) {
+  const int T = std::max<int64_t>(1, std::min<int64_t>(threads, E / 4096 + 1));
+  std::vector<int64_t> hist(static_cast<size_t>(T) * (n + 1), 0);
+  start.assign(n + 1, 0);
+  entry.resize(E);
+#pragma omp parallel num_threads(T)
+  {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      int64_t* h = hist.data() + t * (n + 1);
+      for (int64_t e = t * E / T, end = (t + 1) * E / T; e < end; ++e) ++h[idx[e]];
+    }
+#pragma omp single
+    {
+      int64_t run = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        start[i] = run;
+        for (int t = 0; t < T; ++t) {
+          int64_t& h = hist[t * (n + 1) + i];
+          const int64_t c = h;
+          h = run;  // becomes this chunk's next write position for latent i
+          run += c;
+        }
+      }
+      start[n] = run;
+    }
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      int64_t* h = hist.data() + t * (n + 1);
+      for (int64_t e = t * E / T, end = (t + 1) * E / T; e < end; ++e) entry[h[idx[e]]++] = e;
+    }
+  }
+}
+
+// out = sum over the latent's entries s of w[e_s] * rows[e_s / K], reduced in entry order, written
+// once per block of D columns (accumulators stay in registers; no memset, no read-modify-write).
+template <int D>
+inline void reduce_block(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows,
+                         int64_t d, int64_t c0, float* out) {
+  float acc[D] = {};
+  for (int64_t s = 0; s < cnt; ++s) {
+    const int64_t e = ent[s];
+    const float a = w[e];
+    const float* r = rows + (e / K) * d + c0;
+#pragma omp simd
+    for (int c = 0; c < D; ++c) acc[c] += a * r[c];
+  }
+#pragma omp simd
+  for (int c = 0; c < D; ++c) out[c0 + c] = acc[c];
+}
+
+void reduce_row(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows, int64_t d,
+                float* out) {
+  constexpr int D = 64;
+  int64_t c0 = 0;
+  for (; c0 + D <= d; c0 += D) reduce_block<D>(ent, cnt, K, w, rows, d, c0, out);
+  for (; c0 < d; ++c0) {
+    float acc = 0.f;
+    for (int64_t s = 0; s < cnt; ++s) acc += w[ent[s]] * rows[(ent[s] / K) * d + c0];
+    out[c0] = acc;
+  }
+}
+
+}  // namespace
+
 void latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
                      const float* dp, const float* xc, const float* v, const float* g,
                      float* dW_enc, float* db_enc, float* dW_dec, int threads) {
-  const int64_t E = B * K;
-  // Counting sort by latent. E is small next to n*d, so a serial pass costs little and keeps it simple.
-  std::vector<int64_t> start(n + 1, 0);
-  for (int64_t e = 0; e < E; ++e) ++start[idx[e] + 1];
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  std::vector<int32_t> entry(E);
-  for (int64_t e = 0; e < E; ++e) entry[fill[idx[e]]++] = static_cast<int32_t>(e);
-
+  std::vector<int64_t> start, entry;
+  sort_by_latent(idx, B * K, n, threads, start, entry);
+  // One thread owns a latent: its dW_enc, db_enc and dW_dec rows are summed in entry (= row) order and
+  // written once, zeros included, so the result is bitwise the same for any thread count.
 #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
+    const int64_t* ent = entry.data() + start[i];
+    const int64_t cnt = start[i + 1] - start[i];
     if (dp) {
-      float* row = dW_enc + i * d;
-      std::memset(row, 0, d * sizeof(float));
+      reduce_row(ent, cnt, K, dp, xc, d, dW_enc + i * d);
       float bias = 0.f;
-      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
-        const int64_t e = entry[s];
-        const float a = dp[e];
-        if (a == 0.f) continue;
-        bias += a;
-        axpy(a, xc + (e / K) * d, row, d);
-      }
+      for (int64_t s = 0; s < cnt; ++s) bias += dp[ent[s]];
       db_enc[i] = bias;
     }
-    if (v) {
-      float* row = dW_dec + i * d;
-      std::memset(row, 0, d * sizeof(float));
-      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
-        const int64_t e = entry[s];
-        const float a = v[e];
-        if (a != 0.f) axpy(a, g + (e / K) * d, row, d);
-      }
-    }
+    if (v) reduce_row(ent, cnt, K, v, g, d, dW_dec + i * d);
   }
 }
 

@@ -7,9 +7,6 @@
 
 #include "running_topk.h"
 
-#ifdef SAE_FAST_BLAS
-#include <cblas.h>
-#endif
 
 namespace sae_fast {
 
@@ -45,20 +42,9 @@ void write_row(RunningTopK& r, Cand* sorted, float* pre, int32_t* idx) {
 
 }  // namespace
 
-bool have_fused_gemm() {
-#ifdef SAE_FAST_BLAS
-  return true;
-#else
-  return false;
-#endif
-}
-
-#ifdef SAE_FAST_BLAS
-void topk_encode(const float* xc, const float* W, const float* b_enc, int64_t B, int64_t d, int64_t n,
-                 int64_t k, const uint8_t* dead, int64_t k_aux, float* pre, int32_t* idx, float* aux_pre,
-                 int32_t* aux_idx, int threads) {
-  static const bool blas_single = (scipy_openblas_set_num_threads(1), true);  // we parallelise over tiles
-  (void)blas_single;
+void topk_encode(SgemmFn sgemm, const float* xc, const float* W, const float* b_enc, int64_t B, int64_t d,
+                 int64_t n, int64_t k, const uint8_t* dead, int64_t k_aux, float* pre, int32_t* idx,
+                 float* aux_pre, int32_t* aux_idx, int threads) {
   const bool with_aux = dead && k_aux > 0;
   const int64_t row_blocks = (B + MB - 1) / MB;
   // Few row blocks: also split the latents, so small batches use every thread. Fixed by (B, n) only.
@@ -88,8 +74,10 @@ void topk_encode(const float* xc, const float* W, const float* b_enc, int64_t B,
       }
       for (int64_t c0 = c_begin; c0 < c_end; c0 += NB) {
         const int64_t nb = std::min(NB, c_end - c0);
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nb, d, 1.f, xc + r0 * d, d, W + c0 * d, d,
-                    0.f, tile.data(), nb);
+        // Row-major tile (rb x nb) = xc_block W_tile^T is the column-major (nb x rb) W_tile xc_block^T.
+        const int M = static_cast<int>(nb), N = static_cast<int>(rb), K = static_cast<int>(d);
+        const float one = 1.f, zero = 0.f;
+        sgemm("T", "N", &M, &N, &K, &one, W + c0 * d, &K, xc + r0 * d, &K, &zero, tile.data(), &M, 1, 1);
         for (int64_t r = 0; r < rb; ++r)
           scan_scores(tile.data() + r * nb, b_enc + c0, nb, static_cast<int32_t>(c0), rows[r],
                       with_aux ? &rows_aux[r] : nullptr, with_aux ? dead + c0 : nullptr);
@@ -134,10 +122,6 @@ void topk_encode(const float* xc, const float* W, const float* b_enc, int64_t B,
     }
   }
 }
-#else
-void topk_encode(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, const uint8_t*,
-                 int64_t, float*, int32_t*, float*, int32_t*, int) {}
-#endif
 
 int64_t topk_state_bytes(int64_t B, int64_t k) { return B * topk_capacity(k) * static_cast<int64_t>(sizeof(Cand)); }
 

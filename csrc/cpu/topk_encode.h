@@ -1,5 +1,6 @@
 // Fused encode + top-k (and AuxK's top-k over dead latents) without the (B, n) pre-activations.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace sae_fast {
@@ -10,8 +11,10 @@ namespace sae_fast {
 // Working memory: per task an (MB x NB) score tile and per row a candidate buffer of O(k): flat in n.
 // Results do not depend on `threads`: tasks are fixed (row block, latent segment) pairs and the
 // top-k under the (score desc, index asc) order is unique whatever the split.
-bool have_fused_gemm();
-void topk_encode(const float* xc, const float* W, const float* b_enc, int64_t B, int64_t d, int64_t n,
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                        const float*, const int*, const float*, const int*, const float*, float*, const int*,
+                        std::size_t, std::size_t);  // Fortran BLAS sgemm_
+void topk_encode(SgemmFn sgemm, const float* xc, const float* W, const float* b_enc, int64_t B, int64_t d, int64_t n,
                  int64_t k, const uint8_t* dead, int64_t k_aux, float* pre, int32_t* idx, float* aux_pre,
                  int32_t* aux_idx, int threads);
 
