@@ -27,8 +27,10 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+def _threads(work: int = 1 << 30) -> int:
+    # Small jobs run on one thread: waking the pool costs more than it saves, and on a loaded machine
+    # a descheduled worker can hold every barrier for a whole time slice.
+    return 1 if work < (1 << 18) else torch.get_num_threads()
 
 
 def _native(t: Tensor) -> bool:
@@ -73,7 +75,7 @@ class CpuBackend(SparseBackend):
         aux_idx = torch.empty(B, k_aux, dtype=INDEX_DTYPE) if k_aux else None
         if ENCODER == "fused" and _SGEMM:
             _C.topk_encode(_SGEMM, xc.data_ptr(), W.data_ptr(), b.data_ptr(), B, xc.shape[1], n, k, _ptr(dead),
-                           k_aux, pre.data_ptr(), idx.data_ptr(), _ptr(aux_pre), _ptr(aux_idx), _threads())
+                           k_aux, pre.data_ptr(), idx.data_ptr(), _ptr(aux_pre), _ptr(aux_idx), _threads(B * n * xc.shape[1]))
         else:
             self._topk_torch_tiles(xc, W, b, k, dead, k_aux, pre, idx, aux_pre, aux_idx)
         cast = (lambda t: None if t is None else t.to(x.dtype))
@@ -82,7 +84,7 @@ class CpuBackend(SparseBackend):
     @staticmethod
     def _topk_torch_tiles(xc, W, b, k, dead, k_aux, pre, idx, aux_pre, aux_idx):
         B, n = xc.shape[0], W.shape[0]
-        threads = _threads()
+        threads = _threads(B * n * xc.shape[1])
         rows = min(B, _TILE_ROWS)
         cols = min(n, max(_TILE_COLS, (_TILE_ROWS * _TILE_COLS // rows) // 16 * 16))
         buf = torch.empty(rows, cols, dtype=torch.float32)
@@ -120,7 +122,7 @@ class CpuBackend(SparseBackend):
         bias_f = None if bias is None else _f32(bias)
         out = torch.empty(B, d, dtype=torch.float32)
         _C.sparse_decode(values.data_ptr(), idx.data_ptr(), Wf.data_ptr(), _ptr(bias_f), out.data_ptr(),
-                         B, K, d, _threads())
+                         B, K, d, _threads(B * K * d))
         return out.to(W.dtype)
 
     def gather_dot(self, g, idx, W):
@@ -130,7 +132,7 @@ class CpuBackend(SparseBackend):
         d = W.shape[1]
         g, idx, Wf = _f32(g), _i32(idx), _f32(W)
         out = torch.empty(B, K, dtype=torch.float32)
-        _C.gather_dot(g.data_ptr(), idx.data_ptr(), Wf.data_ptr(), out.data_ptr(), B, K, d, _threads())
+        _C.gather_dot(g.data_ptr(), idx.data_ptr(), Wf.data_ptr(), out.data_ptr(), B, K, d, _threads(B * K * d))
         return out.to(W.dtype)
 
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
@@ -149,6 +151,6 @@ class CpuBackend(SparseBackend):
             v, g = _f32(v), _f32(g)
             dW_dec = torch.empty(n, d, dtype=torch.float32)
         _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
-                           _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), _threads())
+                           _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), _threads(n * d + B * K * d))
         cast = (lambda t: None if t is None else t.to(ref.dtype))
         return cast(dW_enc), cast(db_enc), cast(dW_dec)

@@ -1,0 +1,144 @@
+"""The cpu backend's kernels against reference.py, exactly.
+
+Inputs are small integers (and biases on a 1/8 grid), so every pre-activation is exact in fp32 whatever
+the summation order: scores, indices and gradients compare bitwise with the float64 reference, and ties
+are frequent, which checks the tie rule (lower latent index wins)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sae_fast import ops, reference as R
+
+pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="sae_fast._C not built")
+if "cpu" in ops.available_backends():
+    from sae_fast.backends import cpu as cpu_mod
+    from sae_fast.backends.base import SparseBackend
+
+    CPU = ops._BACKENDS["cpu"]
+ENCODERS = ["fused", "torch"]
+
+
+def int_tensors(B, d, n, seed=0, span=3):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randint(-span, span + 1, s, generator=g).float()
+    return r(B, d), r(n, d), r(n) / 8, r(n, d), r(d)  # x, W_enc, b_enc, W_dec, b_dec
+
+
+def ref_topk(pre, k):
+    idx = R.topk_indices(pre, k)
+    return pre.gather(1, idx), idx.to(torch.int32)
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder(request, monkeypatch):
+    if request.param == "fused" and not cpu_mod._SGEMM:
+        pytest.skip("torch exports no sgemm_ here")
+    monkeypatch.setattr(cpu_mod, "ENCODER", request.param)
+    return request.param
+
+
+def check_topk(B, d, n, k, k_aux=0, seed=0, span=3):
+    x, W_enc, b_enc, _, b_dec = int_tensors(B, d, n, seed, span)
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1)) < 0.4
+    k_aux = min(k_aux, int(dead.sum()))
+    pre, idx, aux_pre, aux_idx = CPU.topk_select(x, W_enc, b_enc, b_dec, k, dead if k_aux else None, k_aux)
+    p = R.pre_activations(x.double(), W_enc.double(), b_enc.double(), b_dec.double())
+    want_pre, want_idx = ref_topk(p, k)
+    assert idx.dtype == torch.int32 and pre.dtype == torch.float32 and pre.shape == (B, k)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(pre.double(), want_pre)
+    if k_aux:
+        want_aux_pre, want_aux_idx = ref_topk(p.masked_fill(~dead, float("-inf")), k_aux)
+        assert torch.equal(aux_idx, want_aux_idx)
+        assert torch.equal(aux_pre.double(), want_aux_pre)
+    else:
+        assert aux_pre is None and aux_idx is None
+
+
+@pytest.mark.parametrize("B", [1, 7, 33, 1000])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 7), (33, 5), (64, 64), (1000, 32), (1024, 1), (1024, 1024)])
+def test_topk_select_exact(encoder, B, n, k):
+    check_topk(B, 16, n, k, k_aux=min(4, n))
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 385])
+def test_topk_select_widths_and_ties(encoder, d):
+    # span=1 makes most scores collide: only the tie rule decides the order
+    check_topk(130, d, 2048, 40, k_aux=17, span=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 80), d=st.integers(1, 40), n=st.integers(1, 700), data=st.data())
+def test_topk_select_fuzzed(B, d, n, data):
+    k = data.draw(st.integers(1, n))
+    k_aux = data.draw(st.integers(0, n))
+    for enc in ENCODERS:
+        cpu_mod.ENCODER = enc
+        try:
+            check_topk(B, d, n, k, k_aux, seed=B * 1000 + n, span=data.draw(st.sampled_from([1, 3])))
+        finally:
+            cpu_mod.ENCODER = "fused" if cpu_mod._SGEMM else "torch"
+
+
+@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (7, 3, 33, 5), (33, 7, 1000, 64), (64, 32, 4096, 130)])
+def test_latent_backward_exact(B, K, n, d):
+    g = torch.Generator().manual_seed(B + n)
+    r = lambda *s: torch.randint(-3, 4, s, generator=g).float()
+    idx = torch.randint(0, n, (B, K), generator=g, dtype=torch.int32)
+    dp, xc, v, grad = r(B, K), r(B, d), r(B, K), r(B, d)
+    got = CPU.latent_backward(idx, n, dp, xc, v, grad)
+    want = SparseBackend().latent_backward(idx, n, dp.double(), xc.double(), v.double(), grad.double())
+    for name, a, b in zip(("dW_enc", "db_enc", "dW_dec"), got, want):
+        assert a.dtype == torch.float32
+        assert torch.equal(a.double(), b), name
+    # Latents nobody selected get exact zero rows, written by the same pass.
+    unused = torch.ones(n, dtype=torch.bool)
+    unused[idx.long().flatten()] = False
+    assert (got[0][unused] == 0).all() and (got[2][unused] == 0).all() and (got[1][unused] == 0).all()
+    only_dec = CPU.latent_backward(idx, n, v=v, g=grad)
+    assert only_dec[0] is None and only_dec[1] is None and torch.equal(only_dec[2], got[2])
+
+
+# ----------------------------------------------------------------------------- determinism
+_DETERMINISM_SCRIPT = r"""
+import sys, torch, sae_fast
+from sae_fast import ops
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+B, d, n, k = 300, 48, 3000, 16
+x = torch.randn(B, d, generator=g)
+W_enc = (torch.randn(n, d, generator=g) / d ** 0.5).requires_grad_()
+b_enc = (torch.randn(n, generator=g) * 0.1).requires_grad_()
+W_dec = (torch.randn(n, d, generator=g) / d ** 0.5).requires_grad_()
+b_dec = (torch.randn(d, generator=g) * 0.1).requires_grad_()
+dead = torch.arange(n) % 5 == 0
+out = {}
+for run in range(2):
+    with sae_fast.use_backend("cpu"):
+        r = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, 24)
+    loss = (r.x_hat - x).pow(2).sum() + r.aux_values.pow(2).sum() + r.values.sum()
+    grads = torch.autograd.grad(loss, [W_enc, b_enc, W_dec, b_dec])
+    out[run] = [r.values, r.indices, r.x_hat, r.aux_values, r.aux_indices, *grads]
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_bitwise_deterministic_across_runs_and_threads(tmp_path):
+    script = tmp_path / "det.py"
+    script.write_text(_DETERMINISM_SCRIPT)
+    results = []
+    for threads in (1, 2):
+        path = tmp_path / f"out{threads}.pt"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, str(script), str(threads), str(path)], env=env, check=True)
+        results.append(torch.load(path))
+    names = ["values", "indices", "x_hat", "aux_values", "aux_indices", "dW_enc", "db_enc", "dW_dec", "db_dec"]
+    for res in results:
+        for name, a, b in zip(names, res[0], res[1]):
+            assert torch.equal(a, b), f"{name} differs between two runs"
+    for name, a, b in zip(names, results[0][0], results[1][0]):
+        assert torch.equal(a, b), f"{name} differs between OMP_NUM_THREADS=1 and 2"
