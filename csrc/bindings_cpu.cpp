@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "cpu/sparse_ops.h"
-#include "cpu/topk_encode.h"
+#include "cpu/select.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -34,25 +34,24 @@ PYBIND11_MODULE(_C, m) {
                               P<float>(dW_dec), threads);
   }, nogil);
 
-  m.def("topk_encode", [](ptr sgemm, ptr xc, ptr W, ptr b_enc, int64_t B, int64_t d, int64_t n, int64_t k, ptr dead,
-                          int64_t k_aux, ptr pre, ptr idx, ptr aux_pre, ptr aux_idx, int threads) {
-    sae_fast::topk_encode(reinterpret_cast<sae_fast::SgemmFn>(sgemm), P<const float>(xc), P<const float>(W), P<const float>(b_enc), B, d, n, k,
-                          P<const uint8_t>(dead), k_aux, P<float>(pre), P<int32_t>(idx), P<float>(aux_pre),
-                          P<int32_t>(aux_idx), threads);
+  m.def("topk_capacity", &sae_fast::topk_capacity_of);
+
+  m.def("topk_scan", [](ptr tile, int64_t ld, ptr b_enc, int64_t B, int64_t c0, int64_t m, int64_t k, ptr vals,
+                        ptr idx, ptr count, ptr thr, ptr dead, int64_t k_aux, ptr aux_vals, ptr aux_idx,
+                        ptr aux_count, ptr aux_thr, int threads) {
+    sae_fast::topk_scan(P<const float>(tile), ld, P<const float>(b_enc), B, c0, m, k, P<float>(vals),
+                        P<int32_t>(idx), P<int64_t>(count), P<float>(thr), P<const uint8_t>(dead), k_aux,
+                        P<float>(aux_vals), P<int32_t>(aux_idx), P<int64_t>(aux_count), P<float>(aux_thr), threads);
   }, nogil);
 
-  m.def("topk_state_bytes", &sae_fast::topk_state_bytes);
-
-  m.def("topk_scan_tile", [](ptr scores, int64_t ld, ptr b_enc, int64_t B, int64_t c0, int64_t m, int64_t k,
-                             ptr cand, ptr count, ptr thr, ptr dead, int64_t k_aux, ptr aux_cand,
-                             ptr aux_count, ptr aux_thr, int threads) {
-    sae_fast::topk_scan_tile(P<const float>(scores), ld, P<const float>(b_enc), B, c0, m, k, P<void>(cand),
-                             P<int32_t>(count), P<float>(thr), P<const uint8_t>(dead), k_aux, P<void>(aux_cand),
-                             P<int32_t>(aux_count), P<float>(aux_thr), threads);
+  m.def("topk_finish", [](int64_t B, int64_t k, ptr vals, ptr idx, ptr count, ptr pre, ptr out_idx, int threads) {
+    sae_fast::topk_finish(B, k, P<float>(vals), P<int32_t>(idx), P<int64_t>(count), P<float>(pre),
+                          P<int32_t>(out_idx), threads);
   }, nogil);
 
-  m.def("topk_state_finish", [](int64_t B, int64_t k, ptr cand, ptr count, ptr pre, ptr idx, int threads) {
-    sae_fast::topk_state_finish(B, k, P<const void>(cand), P<const int32_t>(count), P<float>(pre),
-                                P<int32_t>(idx), threads);
+  m.def("threshold_scan", [](ptr tile, int64_t ld, ptr b_enc, ptr cutoff, int64_t B, int64_t c0, int64_t m,
+                             int64_t cap, ptr vals, ptr idx, ptr count, int threads) {
+    sae_fast::threshold_scan(P<const float>(tile), ld, P<const float>(b_enc), P<const float>(cutoff), B, c0, m,
+                             cap, P<float>(vals), P<int32_t>(idx), P<int64_t>(count), threads);
   }, nogil);
 }

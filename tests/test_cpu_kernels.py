@@ -13,13 +13,13 @@ from hypothesis import given, settings, strategies as st
 
 from sae_fast import ops, reference as R
 
-pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="sae_fast._C not built")
-if "cpu" in ops.available_backends():
-    from sae_fast.backends import cpu as cpu_mod
-    from sae_fast.backends.base import SparseBackend
+pytest.importorskip("sae_fast._C", reason="sae_fast._C not built (source checkout)")
+from sae_fast.backends import cpu as cpu_mod  # noqa: E402  (must import whenever _C does)
+from sae_fast.backends.base import SparseBackend  # noqa: E402
 
-    CPU = ops._BACKENDS["cpu"]
-ENCODERS = ["fused", "torch"]
+CPU = ops._BACKENDS["cpu"]
+TORCH = SparseBackend()
+from sae_fast.backends.base import pad_rows as TORCH_PAD  # noqa: E402
 
 
 def int_tensors(B, d, n, seed=0, span=3):
@@ -33,12 +33,8 @@ def ref_topk(pre, k):
     return pre.gather(1, idx), idx.to(torch.int32)
 
 
-@pytest.fixture(params=ENCODERS)
-def encoder(request, monkeypatch):
-    if request.param == "fused" and not cpu_mod._SGEMM:
-        pytest.skip("torch exports no sgemm_ here")
-    monkeypatch.setattr(cpu_mod, "ENCODER", request.param)
-    return request.param
+def test_cpu_backend_is_the_default_for_cpu_tensors():
+    assert ops.get_backend("cpu") is CPU
 
 
 def check_topk(B, d, n, k, k_aux=0, seed=0, span=3):
@@ -61,12 +57,12 @@ def check_topk(B, d, n, k, k_aux=0, seed=0, span=3):
 
 @pytest.mark.parametrize("B", [1, 7, 33, 1000])
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 7), (33, 5), (64, 64), (1000, 32), (1024, 1), (1024, 1024)])
-def test_topk_select_exact(encoder, B, n, k):
+def test_topk_select_exact(B, n, k):
     check_topk(B, 16, n, k, k_aux=min(4, n))
 
 
 @pytest.mark.parametrize("d", [1, 7, 64, 385])
-def test_topk_select_widths_and_ties(encoder, d):
+def test_topk_select_widths_and_ties(d):
     # span=1 makes most scores collide: only the tie rule decides the order
     check_topk(130, d, 2048, 40, k_aux=17, span=1)
 
@@ -76,12 +72,78 @@ def test_topk_select_widths_and_ties(encoder, d):
 def test_topk_select_fuzzed(B, d, n, data):
     k = data.draw(st.integers(1, n))
     k_aux = data.draw(st.integers(0, n))
-    for enc in ENCODERS:
-        cpu_mod.ENCODER = enc
-        try:
-            check_topk(B, d, n, k, k_aux, seed=B * 1000 + n, span=data.draw(st.sampled_from([1, 3])))
-        finally:
-            cpu_mod.ENCODER = "fused" if cpu_mod._SGEMM else "torch"
+    check_topk(B, d, n, k, k_aux, seed=B * 1000 + n, span=data.draw(st.sampled_from([1, 3])))
+
+
+def test_topk_select_tiles_rows_and_latents(monkeypatch):
+    # Several row and latent tiles, a partial last tile of each: the running state must carry across.
+    monkeypatch.setattr(cpu_mod, "_TILE_ROWS", 16)
+    monkeypatch.setattr(cpu_mod, "_TILE_COLS", 48)
+    check_topk(45, 9, 300, 20, k_aux=30, span=1)
+    check_topk(45, 9, 300, 300, k_aux=7)
+
+
+def ref_lists(p, listed):
+    rows, cols = listed.nonzero(as_tuple=True)  # row-major: rows ascending, latents ascending
+    return TORCH_PAD(rows, cols, p[rows, cols], p.shape[0])
+
+
+def check_threshold(backend, B, d, n, seed=0, span=3, shift=0.0):
+    x, W_enc, b_enc, _, b_dec = int_tensors(B, d, n, seed, span)
+    b_enc = b_enc + shift
+    cutoff = torch.randint(-2, 6, (n,), generator=torch.Generator().manual_seed(seed)).float() / 2
+    pre, idx = backend.threshold_select(x, W_enc, b_enc, b_dec, cutoff)
+    p = R.pre_activations(x.double(), W_enc.double(), b_enc.double(), b_dec.double())
+    want_pre, want_idx = ref_lists(p, p > cutoff.double())
+    assert pre.dtype == torch.float32 and idx.dtype == torch.int32
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(pre.double(), want_pre)
+
+
+@pytest.mark.parametrize("B,d,n", [(1, 1, 1), (7, 5, 33), (33, 16, 1000), (1000, 8, 64), (64, 24, 1024)])
+@pytest.mark.parametrize("capacity", [1, 16, 64, 4096])
+def test_threshold_select_exact_with_overflow(B, d, n, capacity):
+    backend = cpu_mod.CpuBackend()
+    backend._list_capacity = capacity  # small capacities overflow: those rows are recomputed
+    check_threshold(backend, B, d, n)
+    check_threshold(backend, B, d, n, seed=1, shift=-20.0)  # no entry passes: (B, 1) of padding
+    check_threshold(backend, B, d, n, seed=2, shift=20.0)  # every entry passes: dense rows
+    assert backend._list_capacity >= 64  # follows the last call's need
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 60), d=st.integers(1, 30), n=st.integers(1, 500), cap=st.integers(1, 80),
+       seed=st.integers(0, 100))
+def test_threshold_select_fuzzed(B, d, n, cap, seed):
+    backend = cpu_mod.CpuBackend()
+    backend._list_capacity = cap
+    check_threshold(backend, B, d, n, seed=seed, span=1 + seed % 3)
+
+
+def check_batch_topk(B, d, n, k, seed=0, span=3, hot_row=None):
+    x, W_enc, b_enc, _, b_dec = int_tensors(B, d, n, seed, span)
+    if hot_row is not None:
+        x[hot_row] *= 50  # one row holds most of the batch's winners: its candidates must grow
+    pre, idx = CPU.batch_topk_select(x, W_enc, b_enc, b_dec, k)
+    p = R.pre_activations(x.double(), W_enc.double(), b_enc.double(), b_dec.double())
+    want_pre, want_idx = ref_lists(p, R.batch_topk_mask(p, k))
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(pre.double(), want_pre)
+
+
+@pytest.mark.parametrize("B,d,n,k", [(1, 1, 1, 1), (7, 5, 33, 1), (7, 5, 33, 33), (33, 16, 1000, 8),
+                                     (64, 8, 1024, 32), (1000, 4, 64, 2)])
+def test_batch_topk_select_exact(B, d, n, k):
+    check_batch_topk(B, d, n, k)
+    check_batch_topk(B, d, n, k, seed=1, span=1)  # mostly ties: lower row, then lower latent wins
+    check_batch_topk(B, d, n, k, seed=2, hot_row=B // 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 40), d=st.integers(1, 20), n=st.integers(1, 400), seed=st.integers(0, 100), data=st.data())
+def test_batch_topk_select_fuzzed(B, d, n, seed, data):
+    k = data.draw(st.integers(1, n))
+    check_batch_topk(B, d, n, k, seed=seed, span=1 + seed % 3, hot_row=data.draw(st.sampled_from([None, 0, B - 1])))
 
 
 @pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (7, 3, 33, 5), (33, 7, 1000, 64), (64, 32, 4096, 130)])

@@ -1,116 +1,121 @@
-// Running top-k per row with a threshold filter: the inner loop of the fused encoders.
+// Per-row selection state for the encoders: the inner loops that see every pre-activation.
 //
-// Scores stream in latent order. A row keeps an unsorted candidate buffer of capacity `cap` (>= k)
-// and a threshold `thr` (the k-th best score so far, -inf until k candidates exist). A score is a
-// candidate only if it is > thr, so after the first few hundred latents one vector compare rejects
-// 16 scores at a time. When the buffer fills, nth_element keeps the best k and thr rises.
-// Order: higher score first, ties to the lower latent index (reference.py). Because latents arrive
-// in ascending order, a later score equal to thr loses to the k-th candidate, so `> thr` is exact.
+// TopK: scores stream in ascending latent order. A row keeps a candidate buffer (values and latent
+// ids, in ascending latent order) and a threshold `thr`, the k-th best score so far (-inf until k
+// candidates exist). Only scores > thr are appended, so after the first few hundred latents one vector
+// compare rejects 16 scores at a time; with AVX-512 the rare hits are appended by compress-stores.
+// When the buffer is full a stable compaction keeps the best k and raises thr.
+// Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
+// ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
+//
+// Threshold lists (ReLU, JumpReLU, BatchTopK at inference): append every score > cutoff[latent] while
+// the row has room; the count keeps going past the capacity so the caller sees the overflow.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define SAE_FAST_AVX512 1
-#elif defined(__AVX2__)
-#include <immintrin.h>
-#define SAE_FAST_AVX2 1
 #endif
 
 namespace sae_fast {
 
-struct Cand {
-  float v;
-  int32_t i;
-};
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
-
-// Buffer capacity for a top-k: amortises each nth_element over at least k (and 32) insertions.
-inline int64_t topk_capacity(int64_t k) { return k + std::max<int64_t>(k, 32); }
+// Buffer capacity for a running top-k: room for a 16-wide append after k, and each compaction
+// (O(capacity)) is paid for by at least max(k, 32) appends.
+inline int64_t topk_capacity(int64_t k) { return k + std::max<int64_t>(k, 32) + 16; }
 
 struct RunningTopK {
-  Cand* buf = nullptr;
-  int32_t count = 0;
-  int32_t k = 0;
-  int32_t cap = 0;
-  float thr = -std::numeric_limits<float>::infinity();
+  float* v;
+  int32_t* i;
+  int64_t count;
+  int64_t k;
+  int64_t cap;
+  float thr;
 
-  void push(float v, int32_t i) {
-    buf[count++] = Cand{v, i};
-    if (count == k) {
-      float m = buf[0].v;
-      for (int32_t j = 1; j < k; ++j) m = std::min(m, buf[j].v);
-      thr = std::max(thr, m);  // all k candidates are the top k so far: the k-th best is their minimum
-    } else if (count == cap) {
-      std::nth_element(buf, buf + (k - 1), buf + count, better);
-      count = k;
-      thr = buf[k - 1].v;
+  // Keep the best k (count >= k) in place, in their ascending latent order; thr = the k-th best.
+  void compact() {
+    thread_local std::vector<float> tmp;
+    tmp.assign(v, v + count);
+    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+    const float t = tmp[k - 1];
+    int64_t above = 0;
+    for (int64_t s = 0; s < count; ++s) above += v[s] > t;
+    int64_t ties = k - above, w = 0;  // of the scores equal to t, the lowest latents (first ones) stay
+    for (int64_t s = 0; s < count; ++s) {
+      if (v[s] > t || (v[s] == t && ties-- > 0)) {
+        v[w] = v[s];
+        i[w] = i[s];
+        ++w;
+      }
     }
+    count = k;
+    thr = t;
   }
 
-  // Sorted best-first top min(k, count) into out (returns how many).
-  int32_t finish(Cand* out) {
-    const int32_t m = std::min(k, count);
-    std::partial_sort_copy(buf, buf + count, out, out + m, better);
-    return m;
+  void push(float val, int32_t lat) {
+    if (count == cap) compact();
+    v[count] = val;
+    i[count] = lat;
+    if (++count == k && thr == kNegInf) compact();
+  }
+
+#ifdef SAE_FAST_AVX512
+  void push16(__m512 vals, __mmask16 hit, int32_t base) {
+    if (count + 16 > cap) compact();
+    const __m512i lat = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_mask_compressstoreu_ps(v + count, hit, vals);
+    _mm512_mask_compressstoreu_epi32(i + count, hit, lat);
+    count += __builtin_popcount(hit);
+    if (count >= k && thr == kNegInf) compact();
+  }
+#endif
+
+  // The best min(k, count), best first, into out_v / out_i; pads with (-inf, 0) up to k.
+  void finish(float* out_v, int32_t* out_i) {
+    if (count > k) compact();
+    thread_local std::vector<std::pair<float, int32_t>> tmp;
+    tmp.resize(count);
+    for (int64_t s = 0; s < count; ++s) tmp[s] = {v[s], i[s]};
+    std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (int64_t s = 0; s < k; ++s) {
+      out_v[s] = s < count ? tmp[s].first : kNegInf;
+      out_i[s] = s < count ? tmp[s].second : 0;
+    }
   }
 };
 
 // Feed scores s[j] + bias[j] of latents c0 .. c0+m-1 to `top`, and to `aux` for latents with
 // keep[j] != 0 (AuxK's dead set; aux may be null). bias and keep point at latent c0.
-inline void scan_scores(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
-                        RunningTopK* aux, const uint8_t* keep) {
+inline void scan_topk(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
+                      RunningTopK* aux, const uint8_t* keep) {
   int64_t j = 0;
-#if defined(SAE_FAST_AVX512)
-  alignas(64) float tmp[16];
+#ifdef SAE_FAST_AVX512
   __m512 t = _mm512_set1_ps(top.thr);
   __m512 ta = _mm512_set1_ps(aux ? aux->thr : 0.f);
   for (; j + 16 <= m; j += 16) {
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
-    __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
-    __mmask16 hit_aux = 0;
+    const __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+    if (hit) {
+      top.push16(v, hit, c0 + static_cast<int32_t>(j));
+      t = _mm512_set1_ps(top.thr);
+    }
     if (aux) {
-      const __m128i kb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j));
-      hit_aux = _mm512_mask_cmp_ps_mask(_mm_test_epi8_mask(kb, kb), v, ta, _CMP_GT_OQ);
+      const __m512i kb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j)));
+      const __mmask16 hit_aux = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(kb, kb), v, ta, _CMP_GT_OQ);
+      if (hit_aux) {
+        aux->push16(v, hit_aux, c0 + static_cast<int32_t>(j));
+        ta = _mm512_set1_ps(aux->thr);
+      }
     }
-    if (!(hit | hit_aux)) continue;
-    _mm512_store_ps(tmp, v);
-    for (; hit; hit &= hit - 1) {
-      const int l = __builtin_ctz(hit);
-      if (tmp[l] > top.thr) top.push(tmp[l], c0 + static_cast<int32_t>(j) + l);
-    }
-    for (; hit_aux; hit_aux &= hit_aux - 1) {
-      const int l = __builtin_ctz(hit_aux);
-      if (tmp[l] > aux->thr) aux->push(tmp[l], c0 + static_cast<int32_t>(j) + l);
-    }
-    t = _mm512_set1_ps(top.thr);
-    if (aux) ta = _mm512_set1_ps(aux->thr);
-  }
-#elif defined(SAE_FAST_AVX2)
-  alignas(32) float tmp[8];
-  __m256 t = _mm256_set1_ps(top.thr);
-  for (; j + 8 <= m; j += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
-    int hit = _mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GT_OQ));
-    int hit_aux = 0;
-    if (aux) {
-      hit_aux = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(aux->thr), _CMP_GT_OQ));
-      for (int l = 0; l < 8; ++l) if (!keep[j + l]) hit_aux &= ~(1 << l);
-    }
-    if (!(hit | hit_aux)) continue;
-    _mm256_store_ps(tmp, v);
-    for (; hit; hit &= hit - 1) {
-      const int l = __builtin_ctz(hit);
-      if (tmp[l] > top.thr) top.push(tmp[l], c0 + static_cast<int32_t>(j) + l);
-    }
-    for (; hit_aux; hit_aux &= hit_aux - 1) {
-      const int l = __builtin_ctz(hit_aux);
-      if (tmp[l] > aux->thr) aux->push(tmp[l], c0 + static_cast<int32_t>(j) + l);
-    }
-    t = _mm256_set1_ps(top.thr);
   }
 #endif
   for (; j < m; ++j) {
@@ -118,6 +123,47 @@ inline void scan_scores(const float* s, const float* bias, int64_t m, int32_t c0
     if (v > top.thr) top.push(v, c0 + static_cast<int32_t>(j));
     if (aux && keep[j] && v > aux->thr) aux->push(v, c0 + static_cast<int32_t>(j));
   }
+}
+
+// Append (s[j] + bias[j], c0 + j) for every j with s[j] + bias[j] > cutoff[j] to a row list of
+// capacity cap holding `count` entries; returns the new count, which may exceed cap (entries past
+// cap are counted, not stored).
+inline int64_t scan_threshold(const float* s, const float* bias, const float* cutoff, int64_t m, int32_t c0,
+                              float* v, int32_t* i, int64_t count, int64_t cap) {
+  int64_t j = 0;
+#ifdef SAE_FAST_AVX512
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= m; j += 16) {
+    const __m512 val = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
+    const __mmask16 hit = _mm512_cmp_ps_mask(val, _mm512_loadu_ps(cutoff + j), _CMP_GT_OQ);
+    if (!hit) continue;
+    if (count + 16 <= cap) {
+      _mm512_mask_compressstoreu_ps(v + count, hit, val);
+      _mm512_mask_compressstoreu_epi32(i + count, hit, _mm512_add_epi32(iota, _mm512_set1_epi32(c0 + j)));
+      count += __builtin_popcount(hit);
+    } else {
+      for (__mmask16 h = hit; h; h &= h - 1) {
+        const int l = __builtin_ctz(h);
+        if (count < cap) {
+          v[count] = s[j + l] + bias[j + l];
+          i[count] = c0 + static_cast<int32_t>(j) + l;
+        }
+        ++count;
+      }
+    }
+  }
+#endif
+  for (; j < m; ++j) {
+    const float val = s[j] + bias[j];
+    if (val > cutoff[j]) {
+      if (count < cap) {
+        v[count] = val;
+        i[count] = c0 + static_cast<int32_t>(j);
+      }
+      ++count;
+    }
+  }
+  return count;
 }
 
 }  // namespace sae_fast

@@ -1,18 +1,17 @@
-"""The ``cpu`` backend: C++/OpenMP kernels from ``sae_fast._C``, fp32.
+"""The ``cpu`` backend: C++/OpenMP kernels from ``sae_fast._C`` over fp32 arithmetic.
 
-Inputs of other float dtypes are computed in fp32 and cast back. Primitives the C++ module does not
-implement yet fall through to the plain-torch ``SparseBackend``.
+Encoders multiply tile by tile into one reused buffer and fold each tile into per-row selections in C++
+(running top-k with a threshold filter, threshold lists), so the (B, n) pre-activations never exist.
+bf16/fp16 inputs are computed in fp32 (weights widened per tile) and cast back; fp64 goes to the torch
+implementation to keep its precision.
 """
 from __future__ import annotations
-
-import ctypes
-import os
 
 import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (ImportError here unregisters the backend)
-from .base import INDEX_DTYPE, SparseBackend
+from .base import INDEX_DTYPE, SparseBackend, pad_rows
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -33,25 +32,78 @@ def _threads(work: int = 1 << 30) -> int:
     return 1 if work < (1 << 18) else torch.get_num_threads()
 
 
+def _centered(x: Tensor, b_dec: Tensor) -> Tensor:
+    return (x.to(torch.float32) - b_dec.to(torch.float32)).contiguous()
+
+
+def _global_winners(pre: Tensor, idx: Tensor, total: int, n: int) -> Tensor:
+    """(B, M) mask of the ``total`` best candidates overall: value descending, then flat index
+    row * n + latent ascending (reference.batch_topk_mask's order)."""
+    B, M = pre.shape
+    v = pre.reshape(-1)
+    t = torch.kthvalue(v, v.numel() - total + 1).values  # the total-th largest value
+    win = v > t
+    need = total - int(win.sum())
+    ties = (v == t).nonzero().squeeze(1)
+    if need > 0 and ties.numel():
+        keys = (torch.arange(B)[:, None] * n + idx.long()).reshape(-1)[ties]
+        win[ties[torch.sort(keys).indices[:need]]] = True
+    return win.view(B, M)
+
+
 def _native(t: Tensor) -> bool:
     # fp64 keeps its precision through the torch implementation (gradcheck); the kernels compute in fp32.
     return t.dtype != torch.float64
 
 
-def _find_sgemm() -> int:
-    """Address of the Fortran ``sgemm_`` that torch's CPU library exports (MKL in x86 wheels), or 0."""
-    try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value or 0
-    except (OSError, AttributeError):
-        return 0
+# Score tiles: rows x cols fp32 (8 MiB) reused for every tile, whatever n is.
+_TILE_ROWS, _TILE_COLS = 1024, 2048
+# Threshold lists start with room for this many entries per row and then follow the last call's need.
+_MIN_LIST_CAPACITY = 64
 
 
-_SGEMM = _find_sgemm()
-# Encoder driver: "fused" = tile GEMMs called from the C++ threads, each tile scanned while in L2;
-# "torch" = torch.mm tiles into one reused buffer, scanned by C++ after each tile. See csrc/cpu/README.md.
-ENCODER = os.environ.get("SAE_FAST_CPU_ENCODER", "fused" if _SGEMM else "torch")
-_TILE_ROWS, _TILE_COLS = 1024, 2048  # torch driver: an 8 MiB score buffer, whatever n is
+def _score_tiles(xc: Tensor, W: Tensor):
+    """Yield (r0, r1, c0, c1, tile, ld): tile = xc[r0:r1] @ W[c0:c1].T in fp32, one reused buffer.
+
+    torch.mm drives the multiply (MKL here): in one process it beat single-threaded BLAS tiles called from
+    the C++ threads, see csrc/cpu/README.md. The tiling depends only on the shapes, never on the thread
+    count. Low-precision weights are widened one tile at a time, so no fp32 copy of W is made."""
+    B, n = xc.shape[0], W.shape[0]
+    rows = min(B, _TILE_ROWS)
+    cols = min(n, max(_TILE_COLS, (_TILE_ROWS * _TILE_COLS // rows) // 16 * 16))
+    buf = torch.empty(rows, cols, dtype=torch.float32)
+    for c0 in range(0, n, cols):
+        c1 = min(n, c0 + cols)
+        Wt = W[c0:c1] if W.dtype == torch.float32 else W[c0:c1].float()
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            tile = buf[: r1 - r0, : c1 - c0]
+            torch.mm(xc[r0:r1], Wt.T, out=tile)
+            yield r0, r1, c0, c1, tile, cols
+
+
+class _RunningTopK:
+    """Caller-owned state of _C.topk_scan for B rows."""
+
+    def __init__(self, B: int, k: int):
+        cap = _C.topk_capacity(k)
+        self.k = k
+        self.vals = torch.empty(B, cap, dtype=torch.float32)
+        self.idx = torch.empty(B, cap, dtype=INDEX_DTYPE)
+        self.count = torch.zeros(B, dtype=torch.int64)
+        self.thr = torch.full((B,), float("-inf"))
+
+    def ptrs(self, r0: int):
+        return (self.vals[r0].data_ptr(), self.idx[r0].data_ptr(), self.count[r0:].data_ptr(),
+                self.thr[r0:].data_ptr())
+
+    def finish(self, threads: int):
+        B = self.count.shape[0]
+        pre = torch.empty(B, self.k, dtype=torch.float32)
+        idx = torch.empty(B, self.k, dtype=INDEX_DTYPE)
+        _C.topk_finish(B, self.k, self.vals.data_ptr(), self.idx.data_ptr(), self.count.data_ptr(),
+                       pre.data_ptr(), idx.data_ptr(), threads)
+        return pre, idx
 
 
 class CpuBackend(SparseBackend):
@@ -61,58 +113,96 @@ class CpuBackend(SparseBackend):
         return device.type == "cpu"
 
     # ------------------------------------------------------------------ encoders
+    def __init__(self):
+        self._list_capacity = _MIN_LIST_CAPACITY
+
     def topk_select(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         if not _native(x):
             return super().topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-        B, n = x.shape[0], W_enc.shape[0]
-        xc = (_f32(x) - _f32(b_dec)).contiguous()
-        W, b = _f32(W_enc), _f32(b_enc)
         k_aux = k_aux if dead_mask is not None else 0
         dead = dead_mask.to(torch.uint8).contiguous() if k_aux else None
-        pre = torch.empty(B, k, dtype=torch.float32)
-        idx = torch.empty(B, k, dtype=INDEX_DTYPE)
-        aux_pre = torch.empty(B, k_aux, dtype=torch.float32) if k_aux else None
-        aux_idx = torch.empty(B, k_aux, dtype=INDEX_DTYPE) if k_aux else None
-        if ENCODER == "fused" and _SGEMM:
-            _C.topk_encode(_SGEMM, xc.data_ptr(), W.data_ptr(), b.data_ptr(), B, xc.shape[1], n, k, _ptr(dead),
-                           k_aux, pre.data_ptr(), idx.data_ptr(), _ptr(aux_pre), _ptr(aux_idx), _threads(B * n * xc.shape[1]))
-        else:
-            self._topk_torch_tiles(xc, W, b, k, dead, k_aux, pre, idx, aux_pre, aux_idx)
+        pre, idx, aux_pre, aux_idx = self._topk(_centered(x, b_dec), W_enc.contiguous(), _f32(b_enc), k, dead, k_aux)
         cast = (lambda t: None if t is None else t.to(x.dtype))
         return cast(pre), idx, cast(aux_pre), aux_idx
 
-    @staticmethod
-    def _topk_torch_tiles(xc, W, b, k, dead, k_aux, pre, idx, aux_pre, aux_idx):
+    def _topk(self, xc, W, b, k, dead=None, k_aux=0):
+        """Fused running top-k (and AuxK's top-k_aux over ``dead``) in fp32; never forms (B, n) scores."""
         B, n = xc.shape[0], W.shape[0]
         threads = _threads(B * n * xc.shape[1])
-        rows = min(B, _TILE_ROWS)
-        cols = min(n, max(_TILE_COLS, (_TILE_ROWS * _TILE_COLS // rows) // 16 * 16))
-        buf = torch.empty(rows, cols, dtype=torch.float32)
-        state = torch.empty(_C.topk_state_bytes(B, k), dtype=torch.uint8)
-        count = torch.zeros(B, dtype=torch.int32)
-        thr = torch.full((B,), float("-inf"))
-        row_state = _C.topk_state_bytes(1, k)
-        if k_aux:
-            aux_state = torch.empty(_C.topk_state_bytes(B, k_aux), dtype=torch.uint8)
-            aux_count = torch.zeros(B, dtype=torch.int32)
-            aux_thr = torch.full((B,), float("-inf"))
-            aux_row_state = _C.topk_state_bytes(1, k_aux)
-        for r0 in range(0, B, rows):
-            r1 = min(B, r0 + rows)
-            aux_ptrs = (aux_state.data_ptr() + r0 * aux_row_state, aux_count.data_ptr() + 4 * r0,
-                        aux_thr.data_ptr() + 4 * r0) if k_aux else (0, 0, 0)
-            for c0 in range(0, n, cols):
-                c1 = min(n, c0 + cols)
-                tile = buf[: r1 - r0, : c1 - c0]
-                torch.mm(xc[r0:r1], W[c0:c1].T, out=tile)
-                _C.topk_scan_tile(tile.data_ptr(), cols, b.data_ptr(), r1 - r0, c0, c1 - c0, k,
-                                  state.data_ptr() + r0 * row_state, count.data_ptr() + 4 * r0,
-                                  thr.data_ptr() + 4 * r0, _ptr(dead), k_aux, *aux_ptrs, threads)
-        _C.topk_state_finish(B, k, state.data_ptr(), count.data_ptr(), pre.data_ptr(), idx.data_ptr(), threads)
-        if k_aux:
-            _C.topk_state_finish(B, k_aux, aux_state.data_ptr(), aux_count.data_ptr(), aux_pre.data_ptr(),
-                                 aux_idx.data_ptr(), threads)
+        top = _RunningTopK(B, k)
+        aux = _RunningTopK(B, k_aux) if k_aux else None
+        for r0, r1, c0, c1, tile, ld in _score_tiles(xc, W):
+            aux_ptrs = aux.ptrs(r0) if aux else (0, 0, 0, 0)
+            _C.topk_scan(tile.data_ptr(), ld, b.data_ptr(), r1 - r0, c0, c1 - c0, k, *top.ptrs(r0),
+                         _ptr(dead), k_aux, *aux_ptrs, threads)
+        pre, idx = top.finish(threads)
+        aux_pre, aux_idx = aux.finish(threads) if aux else (None, None)
+        return pre, idx, aux_pre, aux_idx
 
+    def threshold_select(self, x, W_enc, b_enc, b_dec, cutoff):
+        if not _native(x):
+            return super().threshold_select(x, W_enc, b_enc, b_dec, cutoff)
+        xc, W, b, cut = _centered(x, b_dec), W_enc.contiguous(), _f32(b_enc), _f32(cutoff)
+        B = xc.shape[0]
+        cap = self._list_capacity
+        vals, idx, count = self._threshold_lists(xc, W, b, cut, cap)
+        K = max(int(count.max()), 1)
+        pre = torch.full((B, K), float("-inf"))
+        out_idx = torch.zeros(B, K, dtype=INDEX_DTYPE)
+        pre[:, : min(K, cap)] = vals[:, :K]
+        out_idx[:, : min(K, cap)] = idx[:, :K]
+        over = (count > cap).nonzero().squeeze(1)
+        if over.numel():  # rows with more hits than room: recompute just them, now that their counts are known
+            sub_vals, sub_idx, _ = self._threshold_lists(xc[over], W, b, cut, K)
+            pre[over], out_idx[over] = sub_vals, sub_idx
+        pad = torch.arange(K)[None, :] >= count[:, None]
+        pre.masked_fill_(pad, float("-inf"))
+        out_idx.masked_fill_(pad, 0)
+        self._list_capacity = max(_MIN_LIST_CAPACITY, (K + K // 4 + 15) // 16 * 16)
+        return pre.to(x.dtype), out_idx
+
+    @staticmethod
+    def _threshold_lists(xc, W, b, cutoff, cap):
+        B, n = xc.shape[0], W.shape[0]
+        threads = _threads(B * n * xc.shape[1])
+        vals = torch.empty(B, cap, dtype=torch.float32)
+        idx = torch.empty(B, cap, dtype=INDEX_DTYPE)
+        count = torch.zeros(B, dtype=torch.int64)
+        for r0, r1, c0, c1, tile, ld in _score_tiles(xc, W):
+            _C.threshold_scan(tile.data_ptr(), ld, b.data_ptr(), cutoff.data_ptr(), r1 - r0, c0, c1 - c0, cap,
+                              vals[r0].data_ptr(), idx[r0].data_ptr(), count[r0:].data_ptr(), threads)
+        return vals, idx, count
+
+    def batch_topk_select(self, x, W_enc, b_enc, b_dec, k):
+        """Exact global top B*k from per-row candidates (see the torch backend's proof): rows whose
+        candidates all win might hold more winners, so only those rows are recomputed with more."""
+        if not _native(x):
+            return super().batch_topk_select(x, W_enc, b_enc, b_dec, k)
+        xc, W, b = _centered(x, b_dec), W_enc.contiguous(), _f32(b_enc)
+        B, n = xc.shape[0], W.shape[0]
+        total = min(B * k, B * n)
+        m = min(n, 2 * k)
+        pre, idx, _, _ = self._topk(xc, W, b, m)
+        per_row = torch.full((B,), m)
+        while True:
+            win = _global_winners(pre, idx, total, n)
+            grow = ((win.sum(1) == per_row) & (per_row < n)).nonzero().squeeze(1)
+            if not grow.numel():
+                break
+            m = min(n, 4 * int(per_row[grow].max()))
+            sub_pre, sub_idx, _, _ = self._topk(xc[grow], W, b, m)
+            if m > pre.shape[1]:  # widen; padding (-inf) never wins, there are >= B*k real candidates
+                pad = m - pre.shape[1]
+                pre = torch.cat([pre, pre.new_full((B, pad), float("-inf"))], 1)
+                idx = torch.cat([idx, idx.new_zeros(B, pad)], 1)
+            pre[grow], idx[grow] = sub_pre, sub_idx
+            per_row[grow] = m
+        rows, slots = win.nonzero(as_tuple=True)
+        cols = idx[rows, slots].long()
+        order = torch.sort(rows * n + cols).indices  # each row's winners in ascending latent order
+        return pad_rows(rows[order], cols[order], pre[rows, slots][order].to(x.dtype), B)
+
+    # ------------------------------------------------------------------ decoder
     def sparse_decode(self, values, idx, W, bias=None):
         if not _native(W):
             return super().sparse_decode(values, idx, W, bias)
