@@ -33,7 +33,8 @@ def ref_topk(pre, k):
     return pre.gather(1, idx), idx.to(torch.int32)
 
 
-def test_cpu_backend_is_the_default_for_cpu_tensors():
+def test_cpu_backend_is_the_default_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
     assert ops.get_backend("cpu") is CPU
 
 
@@ -163,6 +164,31 @@ def test_latent_backward_exact(B, K, n, d):
     assert (got[0][unused] == 0).all() and (got[2][unused] == 0).all() and (got[1][unused] == 0).all()
     only_dec = CPU.latent_backward(idx, n, v=v, g=grad)
     assert only_dec[0] is None and only_dec[1] is None and torch.equal(only_dec[2], got[2])
+
+
+@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (33, 7, 1000, 100), (64, 32, 2048, 130)])
+def test_bf16_storage_computes_in_fp32_and_rounds_once(B, K, n, d):
+    g = torch.Generator().manual_seed(n)
+    bf = lambda *s: torch.randn(*s, generator=g).bfloat16()
+    x, W_enc, b_enc, W_dec, b_dec = bf(B, d), bf(n, d), bf(n), bf(n, d), bf(d)
+    v, dp, grad = bf(B, K), bf(B, K), bf(B, d)
+    idx = torch.randint(0, n, (B, K), generator=g, dtype=torch.int32)
+    f = lambda t: t.float()
+    out = CPU.sparse_decode(v, idx, W_dec, b_dec)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, CPU.sparse_decode(f(v), idx, f(W_dec), f(b_dec)).bfloat16())
+    out = CPU.gather_dot(grad, idx, W_dec)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, CPU.gather_dot(f(grad), idx, f(W_dec)).bfloat16())
+    xc = x - b_dec
+    got = CPU.latent_backward(idx, n, dp, xc, v, grad)
+    want = CPU.latent_backward(idx, n, f(dp), f(xc), f(v), f(grad))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
+    k = min(K, n)
+    got = CPU.topk_select(x, W_enc, b_enc, b_dec, k, torch.arange(n) % 2 == 0, min(3, (n + 1) // 2))
+    want = CPU.topk_select(f(x), f(W_enc), f(b_enc), f(b_dec), k, torch.arange(n) % 2 == 0, min(3, (n + 1) // 2))
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.bfloat16() if b.is_floating_point() else b)
 
 
 # ----------------------------------------------------------------------------- determinism

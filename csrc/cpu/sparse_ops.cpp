@@ -8,22 +8,38 @@ namespace sae_fast {
 
 namespace {
 
-inline void axpy(float a, const float* x, float* y, int64_t d) {
-#pragma omp simd
-  for (int64_t c = 0; c < d; ++c) y[c] += a * x[c];
+// bf16 storage: widened to fp32 on load, rounded to nearest even on store (as torch's .to(bfloat16)).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void narrow(float v, float& out) { out = v; }
+inline void narrow(float v, uint16_t& out) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  out = (v != v) ? static_cast<uint16_t>((u >> 16) | 0x40) : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
+template <typename W>
+inline void axpy(float a, const W* x, float* y, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) y[c] += a * widen(x[c]);
+}
+
+template <typename W>
+inline float dot(const float* a, const W* b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
+  for (int64_t c = 0; c < d; ++c) s += a[c] * widen(b[c]);
   return s;
 }
 
-}  // namespace
-
-void sparse_decode(const float* values, const int32_t* idx, const float* W, const float* bias,
-                   float* out, int64_t B, int64_t K, int64_t d, int threads) {
+template <typename W>
+void sparse_decode_t(const float* values, const int32_t* idx, const W* Wm, const float* bias, float* out,
+                     int64_t B, int64_t K, int64_t d, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < B; ++b) {
     float* o = out + b * d;
@@ -31,17 +47,32 @@ void sparse_decode(const float* values, const int32_t* idx, const float* W, cons
     else std::memset(o, 0, d * sizeof(float));
     for (int64_t j = 0; j < K; ++j) {
       const float a = values[b * K + j];
-      if (a != 0.f) axpy(a, W + static_cast<int64_t>(idx[b * K + j]) * d, o, d);
+      if (a != 0.f) axpy(a, Wm + static_cast<int64_t>(idx[b * K + j]) * d, o, d);
     }
   }
 }
 
-void gather_dot(const float* g, const int32_t* idx, const float* W, float* out,
-                int64_t B, int64_t K, int64_t d, int threads) {
+template <typename W>
+void gather_dot_t(const float* g, const int32_t* idx, const W* Wm, float* out, int64_t B, int64_t K, int64_t d,
+                  int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < K; ++j)
-      out[b * K + j] = dot(g + b * d, W + static_cast<int64_t>(idx[b * K + j]) * d, d);
+      out[b * K + j] = dot(g + b * d, Wm + static_cast<int64_t>(idx[b * K + j]) * d, d);
+}
+
+}  // namespace
+
+void sparse_decode(const float* values, const int32_t* idx, const void* W, bool bf16, const float* bias,
+                   float* out, int64_t B, int64_t K, int64_t d, int threads) {
+  if (bf16) sparse_decode_t(values, idx, static_cast<const uint16_t*>(W), bias, out, B, K, d, threads);
+  else sparse_decode_t(values, idx, static_cast<const float*>(W), bias, out, B, K, d, threads);
+}
+
+void gather_dot(const float* g, const int32_t* idx, const void* W, bool bf16, float* out, int64_t B, int64_t K,
+                int64_t d, int threads) {
+  if (bf16) gather_dot_t(g, idx, static_cast<const uint16_t*>(W), out, B, K, d, threads);
+  else gather_dot_t(g, idx, static_cast<const float*>(W), out, B, K, d, threads);
 }
 
 namespace {
@@ -85,9 +116,9 @@ void sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int threads, std::
 
 // out = sum over the latent's entries s of w[e_s] * rows[e_s / K], reduced in entry order, written
 // once per block of D columns (accumulators stay in registers; no memset, no read-modify-write).
-template <int D>
+template <int D, typename O>
 inline void reduce_block(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows,
-                         int64_t d, int64_t c0, float* out) {
+                         int64_t d, int64_t c0, O* out) {
   float acc[D] = {};
   for (int64_t s = 0; s < cnt; ++s) {
     const int64_t e = ent[s];
@@ -97,26 +128,26 @@ inline void reduce_block(const int64_t* ent, int64_t cnt, int64_t K, const float
     for (int c = 0; c < D; ++c) acc[c] += a * r[c];
   }
 #pragma omp simd
-  for (int c = 0; c < D; ++c) out[c0 + c] = acc[c];
+  for (int c = 0; c < D; ++c) narrow(acc[c], out[c0 + c]);
 }
 
+template <typename O>
 void reduce_row(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows, int64_t d,
-                float* out) {
+                O* out) {
   constexpr int D = 64;
   int64_t c0 = 0;
   for (; c0 + D <= d; c0 += D) reduce_block<D>(ent, cnt, K, w, rows, d, c0, out);
   for (; c0 < d; ++c0) {
     float acc = 0.f;
     for (int64_t s = 0; s < cnt; ++s) acc += w[ent[s]] * rows[(ent[s] / K) * d + c0];
-    out[c0] = acc;
+    narrow(acc, out[c0]);
   }
 }
 
-}  // namespace
-
-void latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
-                     const float* dp, const float* xc, const float* v, const float* g,
-                     float* dW_enc, float* db_enc, float* dW_dec, int threads) {
+template <typename O>
+void latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
+                       const float* xc, const float* v, const float* g, O* dW_enc, O* db_enc, O* dW_dec,
+                       int threads) {
   std::vector<int64_t> start, entry;
   sort_by_latent(idx, B * K, n, threads, start, entry);
   // One thread owns a latent: its dW_enc, db_enc and dW_dec rows are summed in entry (= row) order and
@@ -129,10 +160,23 @@ void latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_
       reduce_row(ent, cnt, K, dp, xc, d, dW_enc + i * d);
       float bias = 0.f;
       for (int64_t s = 0; s < cnt; ++s) bias += dp[ent[s]];
-      db_enc[i] = bias;
+      narrow(bias, db_enc[i]);
     }
     if (v) reduce_row(ent, cnt, K, v, g, d, dW_dec + i * d);
   }
+}
+
+}  // namespace
+
+void latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
+                     const float* dp, const float* xc, const float* v, const float* g,
+                     void* dW_enc, void* db_enc, void* dW_dec, bool bf16, int threads) {
+  if (bf16)
+    latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<uint16_t*>(dW_enc), static_cast<uint16_t*>(db_enc),
+                      static_cast<uint16_t*>(dW_dec), threads);
+  else
+    latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<float*>(dW_enc), static_cast<float*>(db_enc),
+                      static_cast<float*>(dW_dec), threads);
 }
 
 }  // namespace sae_fast

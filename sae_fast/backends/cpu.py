@@ -32,6 +32,11 @@ def _threads(work: int = 1 << 30) -> int:
     return 1 if work < (1 << 18) else torch.get_num_threads()
 
 
+def _storage(W: Tensor) -> Tensor:
+    """Weights as the kernels read them: bf16 stays bf16 (widened in registers), the rest fp32."""
+    return W.contiguous() if W.dtype == torch.bfloat16 else _f32(W)
+
+
 def _centered(x: Tensor, b_dec: Tensor) -> Tensor:
     return (x.to(torch.float32) - b_dec.to(torch.float32)).contiguous()
 
@@ -208,11 +213,11 @@ class CpuBackend(SparseBackend):
             return super().sparse_decode(values, idx, W, bias)
         B, K = idx.shape
         d = W.shape[1]
-        values, idx, Wf = _f32(values), _i32(idx), _f32(W)
+        values, idx, Ws = _f32(values), _i32(idx), _storage(W)
         bias_f = None if bias is None else _f32(bias)
         out = torch.empty(B, d, dtype=torch.float32)
-        _C.sparse_decode(values.data_ptr(), idx.data_ptr(), Wf.data_ptr(), _ptr(bias_f), out.data_ptr(),
-                         B, K, d, _threads(B * K * d))
+        _C.sparse_decode(values.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16, _ptr(bias_f),
+                         out.data_ptr(), B, K, d, _threads(B * K * d))
         return out.to(W.dtype)
 
     def gather_dot(self, g, idx, W):
@@ -220,9 +225,10 @@ class CpuBackend(SparseBackend):
             return super().gather_dot(g, idx, W)
         B, K = idx.shape
         d = W.shape[1]
-        g, idx, Wf = _f32(g), _i32(idx), _f32(W)
+        g, idx, Ws = _f32(g), _i32(idx), _storage(W)
         out = torch.empty(B, K, dtype=torch.float32)
-        _C.gather_dot(g.data_ptr(), idx.data_ptr(), Wf.data_ptr(), out.data_ptr(), B, K, d, _threads(B * K * d))
+        _C.gather_dot(g.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16, out.data_ptr(),
+                      B, K, d, _threads(B * K * d))
         return out.to(W.dtype)
 
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
@@ -232,15 +238,18 @@ class CpuBackend(SparseBackend):
             return super().latent_backward(idx, n, dp, xc, v, g)
         d = ref.shape[1]
         idx = _i32(idx)
+        # Gradients of bf16 weights are written in bf16 by the kernel (one rounding of the fp32 sums);
+        # other dtypes get fp32 and a cast.
+        out = torch.bfloat16 if ref.dtype == torch.bfloat16 else torch.float32
         dW_enc = db_enc = dW_dec = None
         if dp is not None:
             dp, xc = _f32(dp), _f32(xc)
-            dW_enc = torch.empty(n, d, dtype=torch.float32)
-            db_enc = torch.empty(n, dtype=torch.float32)
+            dW_enc = torch.empty(n, d, dtype=out)
+            db_enc = torch.empty(n, dtype=out)
         if v is not None:
             v, g = _f32(v), _f32(g)
-            dW_dec = torch.empty(n, d, dtype=torch.float32)
+            dW_dec = torch.empty(n, d, dtype=out)
         _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
-                           _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), _threads(n * d + B * K * d))
+                           _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16, _threads(n * d + B * K * d))
         cast = (lambda t: None if t is None else t.to(ref.dtype))
         return cast(dW_enc), cast(db_enc), cast(dW_dec)
