@@ -37,17 +37,40 @@ inline float dot(const float* a, const W* b, int64_t d) {
   return s;
 }
 
+// One output row, D columns at a time with the accumulators in registers: each of the row's K weight
+// rows is read once per block (they stay in L1), the output is written once.
+template <int D, typename W>
+inline void decode_block(const float* vals, const int32_t* ids, int64_t K, const W* Wm, const float* bias,
+                         int64_t d, int64_t c0, float* o) {
+  float acc[D];
+#pragma omp simd
+  for (int c = 0; c < D; ++c) acc[c] = bias ? bias[c0 + c] : 0.f;
+  for (int64_t j = 0; j < K; ++j) {
+    const float a = vals[j];
+    if (a == 0.f) continue;
+    const W* r = Wm + static_cast<int64_t>(ids[j]) * d + c0;
+#pragma omp simd
+    for (int c = 0; c < D; ++c) acc[c] += a * widen(r[c]);
+  }
+#pragma omp simd
+  for (int c = 0; c < D; ++c) o[c0 + c] = acc[c];
+}
+
 template <typename W>
 void sparse_decode_t(const float* values, const int32_t* idx, const W* Wm, const float* bias, float* out,
                      int64_t B, int64_t K, int64_t d, int threads) {
+  constexpr int D = 128;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < B; ++b) {
+    const float* vals = values + b * K;
+    const int32_t* ids = idx + b * K;
     float* o = out + b * d;
-    if (bias) std::memcpy(o, bias, d * sizeof(float));
-    else std::memset(o, 0, d * sizeof(float));
-    for (int64_t j = 0; j < K; ++j) {
-      const float a = values[b * K + j];
-      if (a != 0.f) axpy(a, Wm + static_cast<int64_t>(idx[b * K + j]) * d, o, d);
+    int64_t c0 = 0;
+    for (; c0 + D <= d; c0 += D) decode_block<D>(vals, ids, K, Wm, bias, d, c0, o);
+    if (c0 < d) {
+      for (int64_t c = c0; c < d; ++c) o[c] = bias ? bias[c] : 0.f;
+      for (int64_t j = 0; j < K; ++j)
+        if (vals[j] != 0.f) axpy(vals[j], Wm + static_cast<int64_t>(ids[j]) * d + c0, o + c0, d - c0);
     }
   }
 }
