@@ -2,7 +2,8 @@
 // the caller multiplies tile = xc[rows] @ W_enc[c0:c0+m].T (row stride ld) into one reused buffer and
 // these fold it into per-row state kept in caller-owned arrays, so the (B, n) pre-activations never
 // exist. Scores are tile + b_enc[c0:]. Each row is handled by one thread in latent order, so results
-// do not depend on the thread count.
+// do not depend on the thread count; rows are dealt out dynamically, so on a busy machine a
+// descheduled thread does not hold the others up.
 #pragma once
 #include <cstdint>
 

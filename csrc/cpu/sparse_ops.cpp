@@ -60,7 +60,7 @@ template <typename W>
 void sparse_decode_t(const float* values, const int32_t* idx, const W* Wm, const float* bias, float* out,
                      int64_t B, int64_t K, int64_t d, int threads) {
   constexpr int D = 128;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t b = 0; b < B; ++b) {
     const float* vals = values + b * K;
     const int32_t* ids = idx + b * K;
@@ -78,7 +78,7 @@ void sparse_decode_t(const float* values, const int32_t* idx, const W* Wm, const
 template <typename W>
 void gather_dot_t(const float* g, const int32_t* idx, const W* Wm, float* out, int64_t B, int64_t K, int64_t d,
                   int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < K; ++j)
       out[b * K + j] = dot(g + b * d, Wm + static_cast<int64_t>(idx[b * K + j]) * d, d);
