@@ -13,7 +13,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <functional>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -30,6 +30,35 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // (O(capacity)) is paid for by at least max(k, 32) appends.
 inline int64_t topk_capacity(int64_t k) { return k + std::max<int64_t>(k, 32) + 16; }
 
+// The k-th largest of v[0..count) (1 <= k <= count) by radix select on order-preserving keys: one
+// histogram pass over all values, then passes over the shrinking bucket. Branch-light; several times
+// faster than std::nth_element at the few hundred values a compaction sees.
+inline float kth_largest(const float* v, int64_t count, int64_t k) {
+  thread_local std::vector<uint32_t> cur, next;
+  cur.resize(count);
+  for (int64_t s = 0; s < count; ++s) {
+    uint32_t u;
+    std::memcpy(&u, v + s, 4);
+    cur[s] = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  }
+  int64_t need = k;  // rank of the answer, counted from the top, among the values left in cur
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t hist[256] = {};
+    for (const uint32_t key : cur) ++hist[(key >> shift) & 255];
+    uint32_t bin = 255;
+    for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
+    next.clear();
+    for (const uint32_t key : cur)
+      if (((key >> shift) & 255) == bin) next.push_back(key);
+    cur.swap(next);
+  }
+  const uint32_t key = cur[0];  // every value left has this key
+  const uint32_t u = key ^ ((key & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 struct RunningTopK {
   float* v;
   int32_t* i;
@@ -40,10 +69,7 @@ struct RunningTopK {
 
   // Keep the best k (count >= k) in place, in their ascending latent order; thr = the k-th best.
   void compact() {
-    thread_local std::vector<float> tmp;
-    tmp.assign(v, v + count);
-    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
-    const float t = tmp[k - 1];
+    const float t = kth_largest(v, count, k);
     int64_t above = 0;
     for (int64_t s = 0; s < count; ++s) above += v[s] > t;
     int64_t ties = k - above, w = 0;  // of the scores equal to t, the lowest latents (first ones) stay
