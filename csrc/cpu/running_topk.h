@@ -68,11 +68,42 @@ struct RunningTopK {
   float thr;
 
   // Keep the best k (count >= k) in place, in their ascending latent order; thr = the k-th best.
-  void compact() {
+  // Out of line: it is rare, and inlined it would crowd the scan loop's registers.
+  __attribute__((noinline)) void compact() {
     const float t = kth_largest(v, count, k);
-    int64_t above = 0;
-    for (int64_t s = 0; s < count; ++s) above += v[s] > t;
-    int64_t ties = k - above, w = 0;  // of the scores equal to t, the lowest latents (first ones) stay
+    int64_t above = 0, equal = 0;
+#pragma omp simd reduction(+ : above, equal)
+    for (int64_t s = 0; s < count; ++s) {
+      above += v[s] > t;
+      equal += v[s] == t;
+    }
+    int64_t w = 0;
+    if (above + equal == k) {  // no tie to break (the usual case): keep every v >= t
+#ifdef SAE_FAST_AVX512
+      const __m512 tv = _mm512_set1_ps(t);
+      int64_t s = 0;
+      for (; s + 16 <= count; s += 16) {
+        const __m512 x = _mm512_loadu_ps(v + s);
+        const __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_GE_OQ);
+        const __m512i ids = _mm512_loadu_si512(i + s);
+        _mm512_mask_compressstoreu_ps(v + w, keep, x);
+        _mm512_mask_compressstoreu_epi32(i + w, keep, ids);
+        w += __builtin_popcount(keep);
+      }
+      for (; s < count; ++s)
+#else
+      for (int64_t s = 0; s < count; ++s)
+#endif
+        if (v[s] >= t) {
+          v[w] = v[s];
+          i[w] = i[s];
+          ++w;
+        }
+      count = k;
+      thr = t;
+      return;
+    }
+    int64_t ties = k - above;  // of the scores equal to t, the lowest latents (first ones) stay
     for (int64_t s = 0; s < count; ++s) {
       if (v[s] > t || (v[s] == t && ties-- > 0)) {
         v[w] = v[s];
@@ -92,7 +123,7 @@ struct RunningTopK {
   }
 
 #ifdef SAE_FAST_AVX512
-  void push16(__m512 vals, __mmask16 hit, int32_t base) {
+  __attribute__((noinline)) void push16(__m512 vals, __mmask16 hit, int32_t base) {
     if (count + 16 > cap) compact();
     const __m512i lat = _mm512_add_epi32(_mm512_set1_epi32(base),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -121,23 +152,25 @@ struct RunningTopK {
 
 // Feed scores s[j] + bias[j] of latents c0 .. c0+m-1 to `top`, and to `aux` for latents with
 // keep[j] != 0 (AuxK's dead set; aux may be null). bias and keep point at latent c0.
-inline void scan_topk(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
-                      RunningTopK* aux, const uint8_t* keep) {
+template <bool AUX>
+inline void scan_topk_t(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
+                        RunningTopK* aux, const uint8_t* keep) {
   int64_t j = 0;
 #ifdef SAE_FAST_AVX512
+  // The loop keeps only pointers and thresholds in registers; hits (rare) go out of line.
   __m512 t = _mm512_set1_ps(top.thr);
-  __m512 ta = _mm512_set1_ps(aux ? aux->thr : 0.f);
+  __m512 ta = _mm512_set1_ps(AUX ? aux->thr : 0.f);
   for (; j + 16 <= m; j += 16) {
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
     const __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
-    if (hit) {
+    if (__builtin_expect(hit != 0, 0)) {
       top.push16(v, hit, c0 + static_cast<int32_t>(j));
       t = _mm512_set1_ps(top.thr);
     }
-    if (aux) {
+    if (AUX) {
       const __m512i kb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j)));
       const __mmask16 hit_aux = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(kb, kb), v, ta, _CMP_GT_OQ);
-      if (hit_aux) {
+      if (__builtin_expect(hit_aux != 0, 0)) {
         aux->push16(v, hit_aux, c0 + static_cast<int32_t>(j));
         ta = _mm512_set1_ps(aux->thr);
       }
@@ -147,8 +180,14 @@ inline void scan_topk(const float* s, const float* bias, int64_t m, int32_t c0, 
   for (; j < m; ++j) {
     const float v = s[j] + bias[j];
     if (v > top.thr) top.push(v, c0 + static_cast<int32_t>(j));
-    if (aux && keep[j] && v > aux->thr) aux->push(v, c0 + static_cast<int32_t>(j));
+    if (AUX && keep[j] && v > aux->thr) aux->push(v, c0 + static_cast<int32_t>(j));
   }
+}
+
+inline void scan_topk(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
+                      RunningTopK* aux, const uint8_t* keep) {
+  if (aux) scan_topk_t<true>(s, bias, m, c0, top, aux, keep);
+  else scan_topk_t<false>(s, bias, m, c0, top, nullptr, nullptr);
 }
 
 // Append (s[j] + bias[j], c0 + j) for every j with s[j] + bias[j] > cutoff[j] to a row list of
