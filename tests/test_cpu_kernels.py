@@ -211,6 +211,12 @@ for run in range(2):
     loss = (r.x_hat - x).pow(2).sum() + r.aux_values.pow(2).sum() + r.values.sum()
     grads = torch.autograd.grad(loss, [W_enc, b_enc, W_dec, b_dec])
     out[run] = [r.values, r.indices, r.x_hat, r.aux_values, r.aux_indices, *grads]
+    for encode in (ops.relu_encode, ops.batch_topk_encode):  # threshold lists, BatchTopK
+        with sae_fast.use_backend("cpu"):
+            args = (x, W_enc, b_enc - 0.3, b_dec) + ((k,) if encode is ops.batch_topk_encode else ())
+            v, i = encode(*args)
+            x_hat = ops.sparse_decode(v, i, W_dec, b_dec)
+        out[run] += [v, i, *torch.autograd.grad((x_hat - x).pow(2).sum(), [W_enc, b_enc, W_dec, b_dec])]
 torch.save(out, sys.argv[2])
 """
 
@@ -224,7 +230,10 @@ def test_bitwise_deterministic_across_runs_and_threads(tmp_path):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         subprocess.run([sys.executable, str(script), str(threads), str(path)], env=env, check=True)
         results.append(torch.load(path))
-    names = ["values", "indices", "x_hat", "aux_values", "aux_indices", "dW_enc", "db_enc", "dW_dec", "db_dec"]
+    grads = ["dW_enc", "db_enc", "dW_dec", "db_dec"]
+    names = ["values", "indices", "x_hat", "aux_values", "aux_indices", *grads]
+    names += [f"{enc} {what}" for enc in ("relu", "batchtopk") for what in ["values", "indices", *grads]]
+    assert len(results[0][0]) == len(names)
     for res in results:
         for name, a, b in zip(names, res[0], res[1]):
             assert torch.equal(a, b), f"{name} differs between two runs"
