@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_topk.py --out benchmarks/results/cpu_topk_<machine>.md
 
+On a machine shared with other busy processes, OMP_WAIT_POLICY=passive keeps idle OpenMP workers from
+spinning on the cores the running threads need (it changes every row, not only ours).
+
 Rows: the encoder GEMM alone (torch.mm, the floor), the reference and torch backends, the cpu backend
 (also with AuxK on), EleutherAI sparsify's SparseCoder (if installed; SPARSIFY_DISABLE_TRITON=1).
 Timings interleave the rows over several rounds and report the median over all repeats, so load spikes
@@ -139,9 +142,10 @@ def main(argv=None):
     ms = time_rows(rows, a.rounds, a.repeats)
     load_after = os.getloadavg()
     gemm = ms["encoder GEMM alone (torch.mm)"]
+    env = "".join(f"{v}={os.environ[v]} " for v in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if v in os.environ)
     cpu_best = ms["cpu backend fwd+bwd"]
     lines = [f"# CPU TopK SAE step: B={a.B} d={a.d} n={a.n} k={a.k} fp32, {a.threads} threads", "",
-             f"Command: `OMP_NUM_THREADS={a.threads} python benchmarks/cpu_topk.py "
+             f"Command: `{env}python benchmarks/cpu_topk.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`  ",
              f"torch {torch.__version__}; load average (1 min) {load_before[0]:.2f} before, "
              f"{load_after[0]:.2f} after; medians of {a.rounds}x{a.repeats} interleaved calls.", "",
