@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cpu/sparse_ops.h"
+#include "cpu/select.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -15,21 +16,42 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sae-fast CPU kernels (OpenMP, fp32). Called by sae_fast.backends.cpu; not a public API.";
   auto nogil = py::call_guard<py::gil_scoped_release>();
 
-  m.def("sparse_decode", [](ptr values, ptr idx, ptr W, ptr bias, ptr out, int64_t B, int64_t K,
+  m.def("sparse_decode", [](ptr values, ptr idx, ptr W, bool bf16, ptr bias, ptr out, int64_t B, int64_t K,
                             int64_t d, int threads) {
-    sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const float>(W),
+    sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
                             P<const float>(bias), P<float>(out), B, K, d, threads);
   }, nogil);
 
-  m.def("gather_dot", [](ptr g, ptr idx, ptr W, ptr out, int64_t B, int64_t K, int64_t d, int threads) {
-    sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const float>(W), P<float>(out),
+  m.def("gather_dot", [](ptr g, ptr idx, ptr W, bool bf16, ptr out, int64_t B, int64_t K, int64_t d, int threads) {
+    sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const void>(W), bf16, P<float>(out),
                          B, K, d, threads);
   }, nogil);
 
   m.def("latent_backward", [](ptr idx, int64_t B, int64_t K, int64_t n, int64_t d, ptr dp, ptr xc,
-                              ptr v, ptr g, ptr dW_enc, ptr db_enc, ptr dW_dec, int threads) {
+                              ptr v, ptr g, ptr dW_enc, ptr db_enc, ptr dW_dec, bool bf16, int threads) {
     sae_fast::latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp), P<const float>(xc),
-                              P<const float>(v), P<const float>(g), P<float>(dW_enc), P<float>(db_enc),
-                              P<float>(dW_dec), threads);
+                              P<const float>(v), P<const float>(g), P<void>(dW_enc), P<void>(db_enc),
+                              P<void>(dW_dec), bf16, threads);
+  }, nogil);
+
+  m.def("topk_capacity", &sae_fast::topk_capacity_of);
+
+  m.def("topk_scan", [](ptr tile, int64_t ld, ptr b_enc, int64_t B, int64_t c0, int64_t m, int64_t k, ptr vals,
+                        ptr idx, ptr count, ptr thr, ptr dead, int64_t k_aux, ptr aux_vals, ptr aux_idx,
+                        ptr aux_count, ptr aux_thr, int threads) {
+    sae_fast::topk_scan(P<const float>(tile), ld, P<const float>(b_enc), B, c0, m, k, P<float>(vals),
+                        P<int32_t>(idx), P<int64_t>(count), P<float>(thr), P<const uint8_t>(dead), k_aux,
+                        P<float>(aux_vals), P<int32_t>(aux_idx), P<int64_t>(aux_count), P<float>(aux_thr), threads);
+  }, nogil);
+
+  m.def("topk_finish", [](int64_t B, int64_t k, ptr vals, ptr idx, ptr count, ptr pre, ptr out_idx, int threads) {
+    sae_fast::topk_finish(B, k, P<float>(vals), P<int32_t>(idx), P<int64_t>(count), P<float>(pre),
+                          P<int32_t>(out_idx), threads);
+  }, nogil);
+
+  m.def("threshold_scan", [](ptr tile, int64_t ld, ptr b_enc, ptr cutoff, int64_t B, int64_t c0, int64_t m,
+                             int64_t cap, ptr vals, ptr idx, ptr count, int threads) {
+    sae_fast::threshold_scan(P<const float>(tile), ld, P<const float>(b_enc), P<const float>(cutoff), B, c0, m,
+                             cap, P<float>(vals), P<int32_t>(idx), P<int64_t>(count), threads);
   }, nogil);
 }

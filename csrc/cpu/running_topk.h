@@ -1,0 +1,234 @@
+// Per-row selection state for the encoders: the inner loops that see every pre-activation.
+//
+// TopK: scores stream in ascending latent order. A row keeps a candidate buffer (values and latent
+// ids, in ascending latent order) and a threshold `thr`, the k-th best score so far (-inf until k
+// candidates exist). Only scores > thr are appended, so after the first few hundred latents one vector
+// compare rejects 16 scores at a time; with AVX-512 the rare hits are appended by compress-stores.
+// When the buffer is full a stable compaction keeps the best k and raises thr.
+// Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
+// ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
+//
+// Threshold lists (ReLU, JumpReLU, BatchTopK at inference): append every score > cutoff[latent] while
+// the row has room; the count keeps going past the capacity so the caller sees the overflow.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SAE_FAST_AVX512 1
+#endif
+
+namespace sae_fast {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Buffer capacity for a running top-k: room for a 16-wide append after k, and each compaction
+// (O(capacity)) is paid for by at least max(k, 32) appends.
+inline int64_t topk_capacity(int64_t k) { return k + std::max<int64_t>(k, 32) + 16; }
+
+// The k-th largest of v[0..count) (1 <= k <= count) by radix select on order-preserving keys: one
+// histogram pass over all values, then passes over the shrinking bucket. Branch-light; several times
+// faster than std::nth_element at the few hundred values a compaction sees.
+inline float kth_largest(const float* v, int64_t count, int64_t k) {
+  thread_local std::vector<uint32_t> cur, next;
+  cur.resize(count);
+  for (int64_t s = 0; s < count; ++s) {
+    uint32_t u;
+    std::memcpy(&u, v + s, 4);
+    cur[s] = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  }
+  int64_t need = k;  // rank of the answer, counted from the top, among the values left in cur
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t hist[256] = {};
+    for (const uint32_t key : cur) ++hist[(key >> shift) & 255];
+    uint32_t bin = 255;
+    for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
+    next.clear();
+    for (const uint32_t key : cur)
+      if (((key >> shift) & 255) == bin) next.push_back(key);
+    cur.swap(next);
+  }
+  const uint32_t key = cur[0];  // every value left has this key
+  const uint32_t u = key ^ ((key & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct RunningTopK {
+  float* v;
+  int32_t* i;
+  int64_t count;
+  int64_t k;
+  int64_t cap;
+  float thr;
+
+  // Keep the best k (count >= k) in place, in their ascending latent order; thr = the k-th best.
+  // Out of line: it is rare, and inlined it would crowd the scan loop's registers.
+  __attribute__((noinline)) void compact() {
+    const float t = kth_largest(v, count, k);
+    int64_t above = 0, equal = 0;
+#pragma omp simd reduction(+ : above, equal)
+    for (int64_t s = 0; s < count; ++s) {
+      above += v[s] > t;
+      equal += v[s] == t;
+    }
+    int64_t w = 0;
+    if (above + equal == k) {  // no tie to break (the usual case): keep every v >= t
+#ifdef SAE_FAST_AVX512
+      const __m512 tv = _mm512_set1_ps(t);
+      int64_t s = 0;
+      for (; s + 16 <= count; s += 16) {
+        const __m512 x = _mm512_loadu_ps(v + s);
+        const __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_GE_OQ);
+        const __m512i ids = _mm512_loadu_si512(i + s);
+        _mm512_mask_compressstoreu_ps(v + w, keep, x);
+        _mm512_mask_compressstoreu_epi32(i + w, keep, ids);
+        w += __builtin_popcount(keep);
+      }
+      for (; s < count; ++s)
+#else
+      for (int64_t s = 0; s < count; ++s)
+#endif
+        if (v[s] >= t) {
+          v[w] = v[s];
+          i[w] = i[s];
+          ++w;
+        }
+      count = k;
+      thr = t;
+      return;
+    }
+    int64_t ties = k - above;  // of the scores equal to t, the lowest latents (first ones) stay
+    for (int64_t s = 0; s < count; ++s) {
+      if (v[s] > t || (v[s] == t && ties-- > 0)) {
+        v[w] = v[s];
+        i[w] = i[s];
+        ++w;
+      }
+    }
+    count = k;
+    thr = t;
+  }
+
+  void push(float val, int32_t lat) {
+    if (count == cap) compact();
+    v[count] = val;
+    i[count] = lat;
+    if (++count == k && thr == kNegInf) compact();
+  }
+
+#ifdef SAE_FAST_AVX512
+  __attribute__((noinline)) void push16(__m512 vals, __mmask16 hit, int32_t base) {
+    if (count + 16 > cap) compact();
+    const __m512i lat = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_mask_compressstoreu_ps(v + count, hit, vals);
+    _mm512_mask_compressstoreu_epi32(i + count, hit, lat);
+    count += __builtin_popcount(hit);
+    if (count >= k && thr == kNegInf) compact();
+  }
+#endif
+
+  // The best min(k, count), best first, into out_v / out_i; pads with (-inf, 0) up to k.
+  void finish(float* out_v, int32_t* out_i) {
+    if (count > k) compact();
+    thread_local std::vector<std::pair<float, int32_t>> tmp;
+    tmp.resize(count);
+    for (int64_t s = 0; s < count; ++s) tmp[s] = {v[s], i[s]};
+    std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (int64_t s = 0; s < k; ++s) {
+      out_v[s] = s < count ? tmp[s].first : kNegInf;
+      out_i[s] = s < count ? tmp[s].second : 0;
+    }
+  }
+};
+
+// Feed scores s[j] + bias[j] of latents c0 .. c0+m-1 to `top`, and to `aux` for latents with
+// keep[j] != 0 (AuxK's dead set; aux may be null). bias and keep point at latent c0.
+template <bool AUX>
+inline void scan_topk_t(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
+                        RunningTopK* aux, const uint8_t* keep) {
+  int64_t j = 0;
+#ifdef SAE_FAST_AVX512
+  // The loop keeps only pointers and thresholds in registers; hits (rare) go out of line.
+  __m512 t = _mm512_set1_ps(top.thr);
+  __m512 ta = _mm512_set1_ps(AUX ? aux->thr : 0.f);
+  for (; j + 16 <= m; j += 16) {
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
+    const __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+    if (__builtin_expect(hit != 0, 0)) {
+      top.push16(v, hit, c0 + static_cast<int32_t>(j));
+      t = _mm512_set1_ps(top.thr);
+    }
+    if (AUX) {
+      const __m512i kb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j)));
+      const __mmask16 hit_aux = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(kb, kb), v, ta, _CMP_GT_OQ);
+      if (__builtin_expect(hit_aux != 0, 0)) {
+        aux->push16(v, hit_aux, c0 + static_cast<int32_t>(j));
+        ta = _mm512_set1_ps(aux->thr);
+      }
+    }
+  }
+#endif
+  for (; j < m; ++j) {
+    const float v = s[j] + bias[j];
+    if (v > top.thr) top.push(v, c0 + static_cast<int32_t>(j));
+    if (AUX && keep[j] && v > aux->thr) aux->push(v, c0 + static_cast<int32_t>(j));
+  }
+}
+
+inline void scan_topk(const float* s, const float* bias, int64_t m, int32_t c0, RunningTopK& top,
+                      RunningTopK* aux, const uint8_t* keep) {
+  if (aux) scan_topk_t<true>(s, bias, m, c0, top, aux, keep);
+  else scan_topk_t<false>(s, bias, m, c0, top, nullptr, nullptr);
+}
+
+// Append (s[j] + bias[j], c0 + j) for every j with s[j] + bias[j] > cutoff[j] to a row list of
+// capacity cap holding `count` entries; returns the new count, which may exceed cap (entries past
+// cap are counted, not stored).
+inline int64_t scan_threshold(const float* s, const float* bias, const float* cutoff, int64_t m, int32_t c0,
+                              float* v, int32_t* i, int64_t count, int64_t cap) {
+  int64_t j = 0;
+#ifdef SAE_FAST_AVX512
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= m; j += 16) {
+    const __m512 val = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
+    const __mmask16 hit = _mm512_cmp_ps_mask(val, _mm512_loadu_ps(cutoff + j), _CMP_GT_OQ);
+    if (!hit) continue;
+    if (count + 16 <= cap) {
+      _mm512_mask_compressstoreu_ps(v + count, hit, val);
+      _mm512_mask_compressstoreu_epi32(i + count, hit, _mm512_add_epi32(iota, _mm512_set1_epi32(c0 + j)));
+      count += __builtin_popcount(hit);
+    } else {
+      for (__mmask16 h = hit; h; h &= h - 1) {
+        const int l = __builtin_ctz(h);
+        if (count < cap) {
+          v[count] = s[j + l] + bias[j + l];
+          i[count] = c0 + static_cast<int32_t>(j) + l;
+        }
+        ++count;
+      }
+    }
+  }
+#endif
+  for (; j < m; ++j) {
+    const float val = s[j] + bias[j];
+    if (val > cutoff[j]) {
+      if (count < cap) {
+        v[count] = val;
+        i[count] = c0 + static_cast<int32_t>(j);
+      }
+      ++count;
+    }
+  }
+  return count;
+}
+
+}  // namespace sae_fast
