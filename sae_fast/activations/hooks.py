@@ -72,7 +72,7 @@ def resolve_layers(model: nn.Module, layers) -> list[str]:
             if hits:
                 break
         if not hits:
-            close = difflib.get_close_matches(pattern, names, n=6, cutoff=0.5)
+            close = sorted(difflib.get_close_matches(pattern, names, n=6, cutoff=0.5), key=names.index)
             if not close:  # fall back to the repeated blocks, the usual hook points
                 close = [n for n in names if n.count(".") <= 2 and n.rsplit(".", 1)[-1].isdigit()][:6]
             hint = f"; close matches: {', '.join(close)}" if close else ""

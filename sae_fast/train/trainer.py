@@ -52,7 +52,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.log = print if cfg.progress else (lambda *a, **k: None)
+        self.log = print
 
     # ------------------------------------------------------------------ data
     def _fingerprint(self) -> dict:
@@ -132,9 +132,11 @@ class Trainer:
         sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
         since = 0
         existing = list_checkpoints(ckpt_root)
+        for stale in ckpt_root.glob(".step_*"):  # a checkpoint being written when the run was killed
+            shutil.rmtree(stale, ignore_errors=True)
         if c.resume and existing:
+            self._check_resume_config(json.loads((existing[-1] / "state.json").read_text())["config"])
             meta = load_checkpoint(existing[-1], saes, opts)
-            self._check_resume_config(meta["config"])
             step, pos = meta["step"], meta["data_position"]
             sums, since = meta["log_sums"], meta["log_since"]
             self.log(f"resuming from {existing[-1]} (step {step}/{total})")
