@@ -24,7 +24,7 @@ class TrainConfig:
     """Text file, .jsonl file (a 'text' field per line) or folder of them; default: Python's docs and stdlib sources."""
     ctx_len: int = 128
     """Tokens per model input window."""
-    max_tokens: int = 400_000
+    max_tokens: int = 300_000
     """Training tokens of activations to collect (fewer if the corpus runs out)."""
     eval_tokens: int = 8192
     """Held-out tokens for the final FVU and L0 (collected before the training tokens)."""
