@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hf_tiny import tiny_model_dir, write_corpus
 from sae_fast import SparseAutoencoder, ops
-from sae_fast.cli import build_parser, main
+from sae_fast.cli import main
 from sae_fast.train import Trainer, TrainConfig, list_checkpoints
 from sae_fast.train.config import add_dataclass_arguments, config_from_args, field_docs
 from sae_fast.train.schedule import lr_factor, sparsity_factor

@@ -141,7 +141,9 @@ class Trainer:
             sums, since = meta["log_sums"], meta["log_since"]
             self.log(f"resuming from {existing[-1]} (step {step}/{total})")
         else:
-            if existing:
+            if c.resume:
+                self.log(f"no checkpoint in {ckpt_root}: starting from step 0")
+            elif existing:
                 self.log(f"starting fresh in {self.out} (pass --resume to continue the run there)")
             for p in existing:
                 shutil.rmtree(p, ignore_errors=True)
