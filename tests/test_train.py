@@ -114,6 +114,17 @@ def test_dead_latents_feed_auxk(tmp_path):
     assert all(r["loss"] == pytest.approx(r["fvu"] + r["aux_loss"] / 32, rel=1e-4) for r in rows)
 
 
+@pytest.mark.parametrize("activation", ["batchtopk", "relu", "jumprelu"])
+def test_other_activations_train(tmp_path, activation):
+    cfg = _tiny_cfg(tmp_path, activation=activation, l1_coeff=0.05, l0_coeff=0.01, steps=40, plot=False)
+    summary = Trainer(cfg).run()["layers"]["h.1"]
+    assert 0 < summary["fvu"] < 1 and summary["l0"] > 0
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
+    sae = SparseAutoencoder.load(Path(cfg.out) / "sae" / "h.1")
+    assert sae.cfg.activation == activation
+
+
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     # ReLU's loss (MSE + L1) is a mean over tokens, so two half-batches give the full batch's gradient.
     common = dict(activation="relu", l1_coeff=0.01, steps=6, plot=False, normalize=True)

@@ -173,7 +173,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         doc = docs.get(f.name, "")
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=doc)
+                                help=f"{doc} (default: {'on' if f.default else 'off'})")
             continue
         tp, choices = _arg_type(hints[f.name])
         shown = "" if f.default is None else f" (default: {f.default})"  # None: the docstring says what happens

@@ -32,7 +32,7 @@ from .schedule import lr_factor, sparsity_factor
 
 # Config fields that do not change the trajectory: a run may resume with different values for these.
 _FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
-                   "device", "model_batch"}
+                   "device"}
 _DECODER_UNIT_NORM = ("topk", "batchtopk")
 
 
