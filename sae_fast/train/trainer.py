@@ -1,0 +1,259 @@
+"""The training loop: activations in, one SAE per hooked layer out.
+
+Per step: ``grad_accum`` micro-batches, each layer's SAE forward/backward (losses from the module:
+TopK/BatchTopK = FVU + AuxK on dead latents; ReLU = MSE + warmed-up L1; JumpReLU = MSE + warmed-up L0),
+then for TopK/BatchTopK the decoder gradient's component parallel to each row is removed, Adam steps,
+and decoder rows are renormalised to unit norm. Everything a step depends on (weights, Adam moments,
+the dead-latent counters, the data position, the RNG) is in the checkpoint, so a resumed run takes the
+same steps as one that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import ops
+from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
+from ..activations.hooks import middle_layer, resolve_layers
+from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
+from ..io import save_sae
+from ..sae import SAEConfig, SparseAutoencoder
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_normalization
+from .config import TrainConfig
+from .metrics import MetricsLog, plot_curves
+from .schedule import lr_factor, sparsity_factor
+
+# Config fields that do not change the trajectory: a run may resume with different values for these.
+_FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
+                   "device"}
+_DECODER_UNIT_NORM = ("topk", "batchtopk")
+
+
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused where this torch build has a fused kernel for the parameters' device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+class Trainer:
+    """``Trainer(TrainConfig(...)).run()`` collects (or reuses) activations, trains, and writes the run folder."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.log = print
+
+    # ------------------------------------------------------------------ data
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        model = str(default_model_path()) if c.model is None else c.model
+        return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.max_tokens,
+                "eval_tokens": c.eval_tokens, "exclude_special_tokens": c.exclude_special_tokens,
+                "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch}
+
+    def load_data(self) -> tuple[ActivationStore, ActivationStore]:
+        """Activations for this run: from ``cache_dir`` when it holds a matching store, else collected now
+        (into ``cache_dir`` when given, else into memory)."""
+        c = self.cfg
+        fingerprint = self._fingerprint()
+        if c.cache_dir:
+            train = ActivationStore.open(Path(c.cache_dir) / "train")
+            evals = ActivationStore.open(Path(c.cache_dir) / "eval")
+            if train and evals and train.fingerprint == fingerprint and evals.fingerprint == fingerprint:
+                self.log(f"activations: reusing {train.n_rows} tokens from {c.cache_dir}")
+                return train, evals
+        name = DEFAULT_MODEL_NAME if c.model is None else c.model
+        self.log(f"model: {name}")
+        model, tokenizer = load_model(c.model, device=self.device)
+        if tokenizer is None:
+            raise ValueError(f"model {name!r} has no tokenizer; train on text needs one")
+        if c.layer is None:
+            layer = DEFAULT_LAYER if c.model is None else middle_layer(model)
+        else:
+            layer = c.layer
+        layers = resolve_layers(model, layer)
+        texts = default_corpus() if c.corpus is None else read_corpus(c.corpus)
+        self.log(f"corpus: {'Python docs (pydoc_data.topics) + stdlib sources' if c.corpus is None else c.corpus}; "
+                 f"layers: {', '.join(layers)}")
+        train, evals = collect_text(
+            model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.max_tokens,
+            eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
+            shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress)
+        del model
+        return train, evals
+
+    # ------------------------------------------------------------------ model
+    def _make_sae(self, d: int) -> SparseAutoencoder:
+        c = self.cfg
+        sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
+                            l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
+                            dead_tokens=c.dead_tokens)
+        return SparseAutoencoder(cfg=sae_cfg, device=self.device, seed=c.seed)
+
+    def total_steps(self, n_rows: int) -> int:
+        c = self.cfg
+        return c.steps or max(1, math.ceil(c.epochs * n_rows / c.batch_tokens))
+
+    def _loss(self, sae: SparseAutoencoder, out, weight: float) -> torch.Tensor:
+        if sae.cfg.activation in ("relu", "jumprelu"):  # mse + warmed-up sparsity term
+            return out.mse + weight * (out.loss - out.mse)
+        return out.loss
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        c = self.cfg
+        backend = ops.use_backend(c.backend) if c.backend else contextlib.nullcontext()
+        with backend:
+            return self._run()
+
+    def _run(self) -> dict:
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        train, evals = self.load_data()
+        layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
+        total = self.total_steps(train.n_rows)
+        micro = c.batch_tokens // c.grad_accum
+        saes = {n: self._make_sae(train.widths[n]) for n in layers}
+        opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
+
+        ckpt_root = self.out / "checkpoints"
+        step, pos = 0, 0
+        sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
+        since = 0
+        existing = list_checkpoints(ckpt_root)
+        for stale in ckpt_root.glob(".step_*"):  # a checkpoint being written when the run was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        if c.resume and existing:
+            self._check_resume_config(json.loads((existing[-1] / "state.json").read_text())["config"])
+            meta = load_checkpoint(existing[-1], saes, opts)
+            step, pos = meta["step"], meta["data_position"]
+            sums, since = meta["log_sums"], meta["log_since"]
+            self.log(f"resuming from {existing[-1]} (step {step}/{total})")
+        else:
+            if c.resume:
+                self.log(f"no checkpoint in {ckpt_root}: starting from step 0")
+            elif existing:
+                self.log(f"starting fresh in {self.out} (pass --resume to continue the run there)")
+            for p in existing:
+                shutil.rmtree(p, ignore_errors=True)
+            first = next(train.batches(c.batch_tokens, seed=c.seed, group_shards=c.group_shards,
+                                       normalize=c.normalize, device=self.device))
+            with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
+                for n in layers:
+                    saes[n].b_dec.copy_(first[n].mean(0))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
+
+        stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
+                               device=self.device)
+        for sae in saes.values():
+            sae.train()
+        bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not c.progress, dynamic_ncols=True)
+        t_log, timed = time.perf_counter(), 0  # for tokens/s: steps done in this process since the last log row
+        while step < total:
+            lr = c.lr * lr_factor(step, total, c.warmup_steps, c.decay_frac, c.lr_decay)
+            weight = sparsity_factor(step, total, c.sparsity_warmup)
+            for _ in range(c.grad_accum):
+                batch = next(stream)
+                pos += micro
+                for n in layers:
+                    out = saes[n](batch[n])
+                    (self._loss(saes[n], out, weight) / c.grad_accum).backward()
+                    acc = sums[n]
+                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):
+                        acc[key] = acc.get(key, 0.0) + getattr(out, key).item() / c.grad_accum
+            for n in layers:
+                sae, opt = saes[n], opts[n]
+                if c.activation in _DECODER_UNIT_NORM:
+                    sae.remove_parallel_grad_()
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if c.activation in _DECODER_UNIT_NORM:
+                    sae.normalize_decoder_()
+            step += 1
+            since += 1
+            timed += 1
+            bar.update(1)
+            if step % c.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t_log
+                tok_s = timed * c.batch_tokens / max(elapsed, 1e-9)
+                rows = []
+                for n in layers:
+                    row = {"step": step, "tokens": step * c.batch_tokens, "layer": n, "lr": lr,
+                           **{k: v / since for k, v in sums[n].items()},
+                           "dead_pct": 100.0 * float(saes[n].dead_mask.float().mean()), "tok_per_s": round(tok_s)}
+                    metrics.write(row)
+                    rows.append(row)
+                mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("loss", "fvu", "l0", "dead_pct")}
+                bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss {mean['loss']:.4f} FVU {mean['fvu']:.4f} "
+                                    f"L0 {mean['l0']:.1f} dead {mean['dead_pct']:.1f}%")
+                sums = {n: {} for n in layers}
+                since, timed, t_log = 0, 0, time.perf_counter()
+            if step % c.checkpoint_every == 0 or step == total:
+                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
+                         "log_since": since, "config": c.to_dict()}
+                save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
+        bar.close()
+        return self._finish(saes, evals, scales, step, total)
+
+    def _check_resume_config(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        diff = sorted(k for k in now if k not in _FREE_ON_RESUME and saved.get(k) != now[k])
+        if diff:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise ValueError(f"--resume with a different configuration than the checkpoint ({changes}); "
+                             "use the same settings, or train in a new --out folder")
+
+    # ------------------------------------------------------------------ evaluation and outputs
+    @torch.no_grad()
+    def evaluate(self, sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
+        """FVU over the whole held-out set (one variance, not a mean of batch FVUs) and mean L0."""
+        was_training = sae.training
+        sae.eval()
+        err = l0 = 0.0
+        for s in range(0, x.shape[0], batch):
+            xb = x[s:s + batch]
+            out = sae(xb)
+            err += float((out.x_hat.float() - xb).pow(2).sum())
+            l0 += float((out.values > 0).sum())
+        sae.train(was_training)
+        var = float((x - x.mean(0)).pow(2).sum())
+        return {"fvu": err / max(var, 1e-30), "l0": l0 / x.shape[0]}
+
+    def _finish(self, saes: dict, evals: ActivationStore, scales: dict, step: int, total: int) -> dict:
+        c = self.cfg
+        held_out = evals.all() if evals.n_rows else None
+        summary = {"steps": step, "tokens": step * c.batch_tokens, "backend": ops.get_backend(self.device).name,
+                   "layers": {}}
+        for n, sae in saes.items():
+            final = {"d_in": sae.d_in, "n_latents": sae.n_latents, "activation_scale": scales[n],
+                     "dead_pct": 100.0 * float(sae.dead_mask.float().mean())}
+            if held_out is not None:
+                x = held_out[n].to(self.device, torch.float32) * scales[n]
+                final.update(self.evaluate(sae, x), eval_tokens=x.shape[0])
+            folder = self.out / "sae" / n
+            save_sae(sae, folder)
+            save_normalization(folder, n, scales[n], sae.d_in)
+            summary["layers"][n] = final
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if c.plot:
+            try:
+                summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
+                                                  title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}"))
+            except ImportError:
+                self.log("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return summary
