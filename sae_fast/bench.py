@@ -768,7 +768,9 @@ def resolve_workloads(args, defaults) -> list[Workload]:
         w = quick(WORKLOADS[name]) if args.quick else WORKLOADS[name]
         custom = {f: getattr(args, f) for f in ("batch", "d", "n", "k", "activation") if getattr(args, f) is not None}
         if custom:
-            w = replace(w, name=f"{w.name}-custom", **custom)
+            # The name says what changed (w2-n1048576), so result files of different shapes never collide.
+            tag = "-".join(f"{'b' if f == 'batch' else f}{v}" for f, v in custom.items())
+            w = replace(w, name=f"{w.name}-{tag}", **custom)
         if w.activation == "topk" and not 1 <= w.k <= w.n:
             raise ValueError(f"--k must be between 1 and n={w.n}; got {w.k}")
         for f in ("batch", "d", "n", "k"):

@@ -122,7 +122,7 @@ def test_custom_shapes_and_bad_flags(tmp_path, capsys):
     rc = cli.main(["bench", *FAST, "--out", "-", "--peers", "none", "--backends", "torch",
                    "--batch", "5", "--d", "7", "--n", "33", "--k", "3"])
     out = capsys.readouterr().out
-    assert rc == 0 and "cpu-quick-custom: B=5 d=7 n=33 k=3" in out
+    assert rc == 0 and "cpu-quick-b5-d7-n33-k3: B=5 d=7 n=33 k=3" in out
     assert cli.main(["bench", *FAST, "--out", "-", "--workload", "w9"]) == 2
     assert "--workload" in capsys.readouterr().err
     assert cli.main(["bench", *FAST, "--out", "-", "--k", "0"]) == 2

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should run, in one command (build, GPU tests, W1-W4 benchmark, memory at 1M latents):
+#   bash benchmarks/gpu_run.sh [OUT]          # OUT defaults to benchmarks/results
+#   QUICK=1 bash benchmarks/gpu_run.sh /tmp/x  # a minutes-long smoke run of the same steps
+# Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.
+set -uo pipefail
+OUT=${1:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+python3 -c "import sae_fast, sae_fast._C; print('backends', sae_fast.available_backends())"
+
+# The GPU tests (realistic sizes, bf16 and fp32, against reference.py in float64).
+python3 -m pytest -q -p no:logging -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+
+if [ "${QUICK:-0}" = 1 ]; then
+  sae-fast bench --device cuda --quick --quiet --out "$OUT"
+  sae-fast bench --device cuda --quick --quiet --workload w2 --n 65536 --backends triton --peers sparsify --out -
+else
+  sae-fast bench --device cuda --quiet --out "$OUT"
+  # Memory must stay flat in n: W2 at n = 1,048,576 (the dense reference would need B x n x 4 bytes per tensor).
+  sae-fast bench --device cuda --quiet --workload w2 --n 1048576 --backends triton --peers sparsify --out "$OUT"
+fi

@@ -1,0 +1,124 @@
+"""The triton backend on a GPU at realistic sizes, against reference.py in float64 (skipped without CUDA).
+
+Run on a GPU machine: ``python -m pytest -q -m gpu tests/test_triton_gpu.py`` (benchmarks/gpu_run.sh
+runs it with the benchmark).
+"""
+import pytest
+import torch
+
+import sae_fast
+from sae_fast import ops, reference as R
+
+from conftest import make_sae_tensors
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+DEV = "cuda"
+
+
+def _truth(x, W_enc, b_enc, b_dec):
+    return R.pre_activations(*(t.detach().double() for t in (x, W_enc, b_enc, b_dec)))
+
+
+def test_triton_is_the_default_for_cuda_tensors(monkeypatch):
+    monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
+    assert ops.get_backend(DEV).name == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,d,n,k", [(4096, 768, 32768, 32), (1000, 1024, 65536, 64), (333, 129, 5000, 1)])
+def test_topk_selects_the_true_top_k(dtype, B, d, n, k):
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, dtype, requires_grad=False, device=DEV)
+    with sae_fast.use_backend("triton"):
+        v, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+    p = _truth(x, W_enc, b_enc, b_dec)
+    true_v = p.topk(k, dim=1).values
+    got = p.gather(1, idx.long())  # the exact scores of the latents the kernel chose
+    # Chosen scores equal the true top-k scores, in order (a near-tie may swap two latents, nothing more).
+    torch.testing.assert_close(got, true_v, atol=1e-4, rtol=1e-5)
+    assert (idx.long() == p.topk(k, dim=1).indices).float().mean() > 0.999
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # no latent twice in a row
+    torch.testing.assert_close(v.double(), true_v.relu(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+def test_topk_sae_gradients_match_reference(dtype, tol):
+    B, d, n, k = 2048, 512, 16384, 32
+    tensors = make_sae_tensors(B, d, n, dtype, device=DEV)
+    dead = torch.arange(n, device=DEV) % 7 == 0
+
+    def loss(backend, ts):
+        with sae_fast.use_backend(backend):
+            out = ops.topk_sae(*ts, k, dead, 16)
+        return (out.x_hat.float() ** 2).sum() + out.aux_values.float().sum(), out
+
+    l, out = loss("triton", tensors)
+    grads = torch.autograd.grad(l, tensors[1:])
+    t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    l64, ref = loss("reference", t64)
+    grads64 = torch.autograd.grad(l64, t64[1:])
+    match = (out.indices == ref.indices).all(1)  # rows where a near-tie did not swap a latent
+    assert match.float().mean() > 0.99
+    torch.testing.assert_close(out.x_hat[match].double(), ref.x_hat[match], atol=tol * 10, rtol=tol)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads, grads64):
+        scale = b.abs().max().item() + 1.0
+        err = (a.double() - b).abs().max().item() / scale
+        assert err < (5e-2 if dtype == torch.bfloat16 else 1e-3), f"grad {name}: max error {err:.2e} of scale {scale:.2e}"
+
+
+def test_backward_is_bitwise_deterministic():
+    tensors = make_sae_tensors(4096, 768, 32768, torch.bfloat16, device=DEV)
+
+    def grads():
+        with sae_fast.use_backend("triton"):
+            out = ops.topk_sae(*tensors, 32)
+            return torch.autograd.grad(out.x_hat.float().pow(2).sum(), tensors[1:])
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "batchtopk", "threshold"])
+def test_other_activations_match_reference(act):
+    B, d, n, k = 1024, 768, 16384, 32
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, torch.bfloat16, requires_grad=False, device=DEV)
+    b_enc = b_enc - 3.0  # a sparse regime: tens of active latents per row
+    theta = torch.full((n,), 0.05, dtype=torch.bfloat16, device=DEV)
+
+    def enc(x, W_enc, b_enc, b_dec):
+        if act == "relu":
+            return ops.relu_encode(x, W_enc, b_enc, b_dec)
+        if act == "jumprelu":
+            return ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta.to(x.dtype), 0.01)
+        if act == "batchtopk":
+            return ops.batch_topk_encode(x, W_enc, b_enc, b_dec, k)
+        return ops.threshold_encode(x, W_enc, b_enc, b_dec, 0.1)
+
+    with sae_fast.use_backend("triton"):
+        v, i = enc(x, W_enc, b_enc, b_dec)
+    with sae_fast.use_backend("reference"):
+        rv, ri = enc(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    dense, dense_ref = R.sparse_to_dense(v.double(), i, n), R.sparse_to_dense(rv, ri, n)
+    p = _truth(x, W_enc, b_enc, b_dec)
+    cut = {"relu": 0.0, "jumprelu": 0.05, "threshold": 0.1}.get(act)
+    far = (p - cut).abs() > 1e-3 if cut is not None else (p - p.flatten().topk(B * k).values[-1]).abs() > 1e-3
+    torch.testing.assert_close(dense * far, dense_ref * far, atol=2e-2, rtol=1e-2)
+
+
+def test_encoder_memory_does_not_grow_with_n():
+    """Peak memory of a top-k encode beyond its inputs: no (B, n) buffer, at n = 262144."""
+    B, d, n, k = 4096, 768, 262144, 32
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, torch.bfloat16, requires_grad=False, device=DEV)
+    with sae_fast.use_backend("triton"):
+        ops.topk_encode(x, W_enc, b_enc, b_dec, k)  # compile first
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < B * n * 2 / 16, f"encode used {extra / 2**20:.0f} MiB beyond its inputs"
