@@ -20,58 +20,54 @@ import triton.language as tl
 
 # ============================================================================ kernels
 @triton.jit
-def _latent_backward_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dW_enc_ptr, db_enc_ptr, dW_dec_ptr,
-                            n, d, K,
-                            stride_dpb, stride_dpk, stride_xb, stride_xd, stride_vb, stride_vk, stride_gb, stride_gd,
-                            stride_encn, stride_decn,
-                            HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
-                            BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (latent block, d block): rows [l0, l0 + BLOCK_L) of the gradients, columns ds."""
-    l0 = tl.program_id(0) * BLOCK_L
-    first_d = tl.program_id(1) == 0
+def _latent_backward_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dW_enc_ptr, db_enc_ptr,
+                                  dW_dec_ptr, n, d, K,
+                                  stride_dpb, stride_dpk, stride_xb, stride_xd, stride_vb, stride_vk, stride_gb,
+                                  stride_gd, stride_encn, stride_decn,
+                                  HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
+                                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (latent block, d block) as a (BLOCK_L, BLOCK_D) tile: step j gathers the j-th entry of
+    every latent in the block at once, so BLOCK_L rows are in flight instead of one (most latents have
+    about B*K/n entries, a handful). Each latent still sums its entries in entry order: deterministic."""
+    lats = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    lat_ok = lats < n
+    first_d = (lats * 0 + tl.program_id(1)) == 0  # a block, not a splatted scalar bool (the interpreter's int32)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < d
-    es = tl.arange(0, BLOCK_E)
-    for li in range(BLOCK_L):
-        lat = l0 + li
-        lat_ok = lat < n
-        start = tl.load(offset_ptr + lat, mask=lat_ok, other=0)
-        end = tl.load(offset_ptr + lat + 1, mask=lat_ok, other=0)
-        acc_enc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_dec = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for e0 in range(start, end, BLOCK_E):
-            e_ok = (e0 + es) < end
-            entry = tl.load(entry_ptr + e0 + es, mask=e_ok, other=0)
-            row = entry // K
-            col = entry % K
-            if HAS_ENC:
-                c = tl.load(dp_ptr + row * stride_dpb + col * stride_dpk, mask=e_ok, other=0.0).to(tl.float32)
-                xr = tl.load(xc_ptr + row[:, None] * stride_xb + ds[None, :] * stride_xd,
-                             mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                acc_enc += tl.sum(c[:, None] * xr, 0)
-                acc_b += c
-            if HAS_DEC:
-                c = tl.load(v_ptr + row * stride_vb + col * stride_vk, mask=e_ok, other=0.0).to(tl.float32)
-                gr = tl.load(g_ptr + row[:, None] * stride_gb + ds[None, :] * stride_gd,
-                             mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                acc_dec += tl.sum(c[:, None] * gr, 0)
-        # (a block comparison, not a scalar mask splatted: the interpreter turns splatted bools into int32)
-        out_ok = d_ok & ((ds * 0 + lat) < n)
+    start = tl.load(offset_ptr + lats, mask=lat_ok, other=0)
+    count = tl.load(offset_ptr + lats + 1, mask=lat_ok, other=0) - start
+    acc_enc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    acc_dec = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for j in range(0, tl.max(count, 0)):
+        e_ok = j < count
+        entry = tl.load(entry_ptr + start + j, mask=e_ok, other=0)
+        row = entry // K
+        col = entry % K
+        m2 = e_ok[:, None] & d_ok[None, :]
         if HAS_ENC:
-            tl.store(dW_enc_ptr + lat.to(tl.int64) * stride_encn + ds, acc_enc.to(dW_enc_ptr.dtype.element_ty),
-                     mask=out_ok)
-            tl.store(db_enc_ptr + lat, tl.sum(acc_b, 0).to(db_enc_ptr.dtype.element_ty), mask=lat_ok & first_d)
+            c = tl.load(dp_ptr + row * stride_dpb + col * stride_dpk, mask=e_ok, other=0.0).to(tl.float32)
+            xr = tl.load(xc_ptr + row[:, None] * stride_xb + ds[None, :] * stride_xd, mask=m2, other=0.0)
+            acc_enc += c[:, None] * xr.to(tl.float32)
+            acc_b += c
         if HAS_DEC:
-            tl.store(dW_dec_ptr + lat.to(tl.int64) * stride_decn + ds, acc_dec.to(dW_dec_ptr.dtype.element_ty),
-                     mask=out_ok)
+            c = tl.load(v_ptr + row * stride_vb + col * stride_vk, mask=e_ok, other=0.0).to(tl.float32)
+            gr = tl.load(g_ptr + row[:, None] * stride_gb + ds[None, :] * stride_gd, mask=m2, other=0.0)
+            acc_dec += c[:, None] * gr.to(tl.float32)
+    out_ok = lat_ok[:, None] & d_ok[None, :]
+    if HAS_ENC:
+        tl.store(dW_enc_ptr + lats.to(tl.int64)[:, None] * stride_encn + ds[None, :],
+                 acc_enc.to(dW_enc_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(db_enc_ptr + lats, acc_b.to(db_enc_ptr.dtype.element_ty), mask=lat_ok & first_d)
+    if HAS_DEC:
+        tl.store(dW_dec_ptr + lats.to(tl.int64)[:, None] * stride_decn + ds[None, :],
+                 acc_dec.to(dW_dec_ptr.dtype.element_ty), mask=out_ok)
 
 
 # ============================================================================ configs
 @dataclass(frozen=True)
 class LatentBackwardConfig:
     BLOCK_L: int
-    BLOCK_E: int
     BLOCK_D: int
     num_warps: int
 
@@ -80,13 +76,11 @@ def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def latent_backward_config(n: int, d: int, entries_per_latent: float) -> LatentBackwardConfig:
-    """Entry chunks sized to the average latent's entry count (most latents are rare), d in blocks of
-    at most 256 so (BLOCK_E, BLOCK_D) tiles stay small."""
-    be = min(8, max(4, _pow2(int(entries_per_latent) + 1)))
-    bd = min(256, max(16, _pow2(d)))
-    bl = 4 if n >= 4096 else 1
-    return LatentBackwardConfig(bl, be, bd, 4)
+def latent_backward_config(n: int, d: int) -> LatentBackwardConfig:
+    """8 latents x up to 256 columns per program, 4 warps: the fastest on an H100 for W1-W3 of
+    benchmarks/triton_tune.py (0.40 ms at W2 where one latent at a time took 4.7 ms; 32 latents do not
+    compile with Triton 3.6)."""
+    return LatentBackwardConfig(8, min(256, max(16, _pow2(d))), 4)
 
 
 # ============================================================================ launchers
@@ -124,7 +118,7 @@ def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, x
     if has_dec:
         live = (v != 0) if live is None else live | (v != 0)
     entries, offsets = sort_by_latent(idx, n, live)
-    cfg = config or latent_backward_config(n, d, B * K / max(n, 1))
+    cfg = config or latent_backward_config(n, d)
     grid = (triton.cdiv(n, cfg.BLOCK_L), triton.cdiv(d, cfg.BLOCK_D))
     dummy = ref
     _latent_backward_kernel[grid](
@@ -134,6 +128,6 @@ def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, x
         *(dp.stride() if has_enc else (0, 0)), *(xc.stride() if has_enc else (0, 0)),
         *(v.stride() if has_dec else (0, 0)), *(g.stride() if has_dec else (0, 0)),
         dW_enc.stride(0) if has_enc else 0, dW_dec.stride(0) if has_dec else 0,
-        HAS_ENC=has_enc, HAS_DEC=has_dec, BLOCK_L=cfg.BLOCK_L, BLOCK_E=cfg.BLOCK_E, BLOCK_D=cfg.BLOCK_D,
+        HAS_ENC=has_enc, HAS_DEC=has_dec, BLOCK_L=cfg.BLOCK_L, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, enable_fp_fusion=True)
     return dW_enc, db_enc, dW_dec

@@ -200,7 +200,8 @@ def test_decoder_kernels_match_torch_on_strided_weights(dtype, atol, rtol, index
     _close(dec.gather_dot(grad, idx, W), base.gather_dot(grad, idx, W), atol * 10, rtol, "gather_dot")
 
 
-def test_latent_backward_writes_zero_rows_and_is_deterministic(monkeypatch):
+@pytest.mark.parametrize("cfg", [lb.LatentBackwardConfig(4, 16, 4), lb.LatentBackwardConfig(16, 8, 4)])
+def test_latent_backward_writes_zero_rows_and_is_deterministic(monkeypatch, cfg):
     B, K, n, d = 12, 4, 50, 19
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(0, 20, (B, K), generator=g, dtype=torch.int32)  # latents 20.. never appear
@@ -211,7 +212,7 @@ def test_latent_backward_writes_zero_rows_and_is_deterministic(monkeypatch):
     # Output memory starts as NaN: a row the kernel skipped would show.
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
                         if kw.get("dtype", torch.float32).is_floating_point else empty(*a, **kw))
-    first = lb.latent_backward(idx, n, dp, xc, v, grad, config=lb.LatentBackwardConfig(4, 4, 16, 4))
+    first = lb.latent_backward(idx, n, dp, xc, v, grad, config=cfg)
     monkeypatch.undo()
     second = lb.latent_backward(idx, n, dp, xc, v, grad)
     expected = SparseBackend().latent_backward(idx, n, dp, xc, v, grad)
@@ -238,10 +239,11 @@ def test_latent_backward_skips_zero_padding():
     xc = torch.randn(B, d, generator=g)
     entries, offsets = lb.sort_by_latent(idx, n, dp != 0)
     assert int(offsets[-1]) == int((dp != 0).sum())  # only live pairs fall inside latent ranges
-    got = lb.latent_backward(idx, n, dp, xc)
     expected = SparseBackend().latent_backward(idx, n, dp, xc)
-    for a, e in zip(got[:2], expected[:2]):
-        _close(a, e, 1e-5, 1e-5, "latent_backward with padding")
+    for cfg in (None, lb.LatentBackwardConfig(16, 8, 4)):
+        got = lb.latent_backward(idx, n, dp, xc, config=cfg)
+        for a, e in zip(got[:2], expected[:2]):
+            _close(a, e, 1e-5, 1e-5, "latent_backward with padding")
 
 
 # ----------------------------------------------------------------------------- dispatch and fallbacks
