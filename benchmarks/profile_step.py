@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sae_fast
 from sae_fast import SparseAutoencoder
-from sae_fast.bench import WORKLOADS
+from sae_fast.bench import L1_COEFF, WORKLOADS, make_setup
 
 
 def main() -> None:
@@ -19,9 +19,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(w.d, w.n, activation="topk", k=w.k).cuda()
-    x = torch.randn(w.batch, w.d, device="cuda")
+    s = make_setup(w, torch.device("cuda"), "bf16")  # the bench's data (ReLU: b_enc shifted to mean L0 k)
+    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, k_aux=0, l1_coeff=L1_COEFF).cuda()
+    with torch.no_grad():
+        for p, v in ((sae.W_enc, s.W_enc), (sae.b_enc, s.b_enc), (sae.W_dec, s.W_dec), (sae.b_dec, s.b_dec)):
+            p.copy_(v)
+    x = s.x
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step():

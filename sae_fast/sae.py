@@ -214,7 +214,7 @@ class SparseAutoencoder(nn.Module):
         xf, x_hat_f = x2.float(), x_hat.float()
         mse = reference.mse(x_hat_f, xf)
         fvu = reference.fvu(x_hat_f, xf)
-        l1 = reference.l1_penalty(values.float(), indices, W_dec.float())
+        l1 = ops.decoder_norm_l1(values, indices, W_dec)
         l0 = (values > 0).sum(-1).float().mean()
         if cfg.activation in ("topk", "batchtopk"):
             loss = fvu + cfg.aux_coeff * aux_loss
