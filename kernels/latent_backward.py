@@ -20,12 +20,12 @@ import triton.language as tl
 
 # ============================================================================ kernels
 @triton.jit
-def _latent_backward_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dW_enc_ptr, db_enc_ptr,
-                                  dW_dec_ptr, n, d, K,
-                                  stride_dpb, stride_dpk, stride_xb, stride_xd, stride_vb, stride_vk, stride_gb,
-                                  stride_gd, stride_encn, stride_decn,
-                                  HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
-                                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _latent_backward_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dW_enc_ptr, db_enc_ptr, dW_dec_ptr,
+                            n, d, K,
+                            stride_dpb, stride_dpk, stride_xb, stride_xd, stride_vb, stride_vk, stride_gb, stride_gd,
+                            stride_encn, stride_decn,
+                            HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
+                            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (latent block, d block) as a (BLOCK_L, BLOCK_D) tile: step j gathers the j-th entry of
     every latent in the block at once, so BLOCK_L rows are in flight instead of one (most latents have
     about B*K/n entries, a handful). Each latent still sums its entries in entry order: deterministic."""
