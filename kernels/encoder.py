@@ -74,7 +74,7 @@ def _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, s
 
 
 @triton.jit
-def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr):
+def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr, PACKED: tl.constexpr):
     """Merge the tile's scores ``s`` (entries where ``ok``) into the running keys ``run`` (BLOCK_M, KP).
     With SMALL < KP, a tile where some row has more than SMALL winners goes through tl.topk."""
     thr = tl.min(run, 1)
@@ -85,23 +85,40 @@ def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr):
     most = tl.max(tl.sum(cand.to(tl.int32), 1), 0)
     if SMALL < KP:
         if most > SMALL:
-            keys = tl.where(cand, _key(s, cols[None, :]), _PAD_KEY)
+            # Non-candidates get distinct keys below the list's padding, so the merged list stays unique.
+            below = tl.full(cols.shape, _PAD_KEY, tl.int64) - 1 - KP - cols.to(tl.int64)
+            keys = tl.where(cand, _key(s, cols[None, :]), below[None, :])
             best = tl.topk(keys, KP)
             run = tl.topk(tl.reshape(tl.join(run, best), (run.shape[0], 2 * KP)), KP)
             most = 0
     # The few winners, best first, each replacing its row's current minimum; after KP of them the rest
-    # of the tile cannot beat the list.
-    slot = tl.arange(0, KP)
-    for _ in range(tl.minimum(most, KP)):
-        top_s = tl.max(tl.where(cand, s, _NEG_INF), 1)
-        top_l = tl.min(tl.where(cand & (s == top_s[:, None]), cols[None, :], _INT_MAX), 1)
-        new = _key(top_s, top_l)
-        low = tl.min(run, 1)
-        low_slot = tl.min(tl.where(run == low[:, None], slot[None, :], KP), 1)
-        put = (top_s > _NEG_INF) & (new > low)
-        run = tl.where(put[:, None] & (slot[None, :] == low_slot[:, None]), new[:, None], run)
-        cand = cand & (cols[None, :] != top_l[:, None])
+    # of the tile cannot beat the list. Keys are unique (the list's padding too, see _pad_list), so one
+    # integer max finds a row's next winner and one comparison finds the slot it replaces.
+    if PACKED:
+        keys = tl.where(cand, _key(s, cols[None, :]), _PAD_KEY)
+        for _ in range(tl.minimum(most, KP)):
+            best = tl.max(keys, 1)
+            low = tl.min(run, 1)
+            put = (best != _PAD_KEY) & (best > low)
+            run = tl.where(put[:, None] & (run == low[:, None]), best[:, None], run)
+            keys = tl.where(keys == best[:, None], _PAD_KEY, keys)
+    else:  # the tile's keys are not kept live: fewer registers (AuxK's second list beside the first)
+        for _ in range(tl.minimum(most, KP)):
+            top_s = tl.max(tl.where(cand, s, _NEG_INF), 1)
+            top_l = tl.min(tl.where(cand & (s == top_s[:, None]), cols[None, :], _INT_MAX), 1)
+            new = _key(top_s, top_l)
+            low = tl.min(run, 1)
+            put = (top_s > _NEG_INF) & (new > low)
+            run = tl.where(put[:, None] & (run == low[:, None]), new[:, None], run)
+            cand = cand & (cols[None, :] != top_l[:, None])
     return run
+
+
+@triton.jit
+def _pad_list(BLOCK_M: tl.constexpr, KP: tl.constexpr):
+    """An empty running list: KP distinct keys below every real key (score -inf, out-of-range latents)."""
+    pads = tl.full((KP,), _PAD_KEY, tl.int64) - 1 - tl.arange(0, KP).to(tl.int64)
+    return tl.zeros((BLOCK_M, KP), dtype=tl.int64) + pads[None, :]
 
 
 # ============================================================================ kernels
@@ -138,17 +155,17 @@ def _topk_partial_kernel(x_ptr, w_ptr, c_ptr, dead_ptr, part_ptr, aux_part_ptr,
     row_ok = rows < B
     lo = split * n_per_split
     hi = tl.minimum(lo + n_per_split, n)
-    run = tl.full((BLOCK_M, KP), _PAD_KEY, tl.int64)
-    aux = tl.full((BLOCK_M, KP_AUX), _PAD_KEY, tl.int64)
+    run = _pad_list(BLOCK_M, KP)
+    aux = _pad_list(BLOCK_M, KP_AUX)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
                         stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
-        run = _merge_tile(run, s, cols, col_ok[None, :], KP, SMALL)
+        run = _merge_tile(run, s, cols, col_ok[None, :], KP, SMALL, not HAS_AUX)
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_ok, other=0) != 0
-            aux = _merge_tile(aux, s, cols, (col_ok & dead)[None, :], KP_AUX, SMALL)
+            aux = _merge_tile(aux, s, cols, (col_ok & dead)[None, :], KP_AUX, SMALL, False)
     base = rows.to(tl.int64)[:, None] * n_splits + split
     tl.store(part_ptr + base * KP + tl.arange(0, KP)[None, :], run, mask=row_ok[:, None])
     if HAS_AUX:
