@@ -300,8 +300,8 @@ def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Dev
                    threshold: bool = False) -> EncoderConfig:
     """The tile config the launchers use, chosen with the static checks (kernels/resources.py): the
     largest tiles that compile without spills for sm_80 and sm_90. GPU: 64-row tiles (Hopper's warpgroup
-    MMA needs them), 8 warps, 3 stages; 128 latents x 64 of d per step for 16-bit inputs, 64 x 16 for
-    fp32 (tf32x3 triples the operand registers); 64 latents for the
+    MMA needs them), 8 warps, 3 stages; 128 latents x 64 of d per step for 16-bit inputs (256 latents
+    for k <= 32 without AuxK), 64 x 16 for fp32 (tf32x3 triples the operand registers); 64 latents for the
     threshold kernel (its scan needs registers); winners merged one at a time (tl.topk's sorting network costs about
     80 more registers per thread). Splits fill the SMs. Interpreter: small tiles (it runs numpy)."""
     if dev.cap == 0:
@@ -310,6 +310,8 @@ def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Dev
         return EncoderConfig(16, bn, bk, 4, 1, _splits(triton.cdiv(B, 16), triton.cdiv(n, bn), dev.sms, 2), kp)
     wide = dtype.itemsize <= 2 and not threshold
     bn = max(128 if wide else 64, kp)
+    if wide and kp <= 32 and not aux:
+        bn = 256  # measured on an H100: W2 3.6 vs 4.5 ms, W1 1.35 vs 1.42 (benchmarks/results/*-encoder-ab.txt)
     bk = min(64 if dtype.itemsize <= 2 else 16, max(16, _pow2(d)))
     return EncoderConfig(64, bn, bk, 8, 3, _splits(triton.cdiv(B, 64), triton.cdiv(n, bn), dev.sms, 8), kp)
 
