@@ -390,12 +390,32 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     return _build(sae_cfg, weights, device, dtype, extra_state=extra)
 
 
-def save_saelens(sae, path, metadata: dict | None = None) -> Path:
+def fold_activation_scale(sae, scale: float):
+    """A copy of ``sae`` that reads the model's raw activations, for an SAE trained on activations
+    multiplied by ``scale`` (``sae-fast train`` saves it in normalization.json): ``W_enc * scale``,
+    ``W_dec / scale``, ``b_dec / scale``. Pre-activations, and so the selected latents and thresholds, are
+    unchanged; reconstructions come out in the model's units. Decoder rows are then no longer unit norm."""
+    import copy
+
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number; got {scale!r}")
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.W_enc.mul_(scale)
+        out.W_dec.div_(scale)
+        out.b_dec.div_(scale)
+    return out
+
+
+def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | None = None) -> Path:
     """Write ``sae`` as a SAELens inference SAE (``cfg.json`` + ``sae_weights.safetensors``), atomically.
 
     topk -> topk, relu -> standard, jumprelu -> jumprelu, batchtopk -> jumprelu with its learned global
     threshold (what SAELens itself saves for BatchTopK). ``metadata`` (model_name, hook_name, ...) goes into
-    the cfg's metadata."""
+    the cfg's metadata. ``act_scale``: the activation scale the SAE was trained with, folded into the weights
+    (``fold_activation_scale``) so the file reads raw model activations."""
+    if act_scale is not None:
+        sae = fold_activation_scale(sae, act_scale)
     act = sae.cfg.activation
     sd = {k: v.detach() for k, v in sae.state_dict().items()}
     tensors = {"W_enc": sd["W_enc"].T, "b_enc": sd["b_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
@@ -473,10 +493,19 @@ def load_sparsify(path, device=None, dtype=None, hookpoint: str | None = None):
     return _load_folder_or_run(path, _load_sparsify_one, hookpoint, device=device, dtype=dtype)
 
 
-def save_sparsify(sae, path) -> Path:
+def save_sparsify(sae, path, act_scale=None) -> Path:
     """Write a topk SAE as a sparsify folder; a dict ``{hookpoint: SAE}`` writes a run folder with one
-    sub-folder per hookpoint (what sparsify's trainer writes). Atomic: all or nothing."""
+    sub-folder per hookpoint (what sparsify's trainer writes). Atomic: all or nothing. ``act_scale`` (a
+    number, or ``{hookpoint: number}`` for a dict): the activation scale each SAE was trained with, folded
+    into the weights (``fold_activation_scale``)."""
     saes = sae if isinstance(sae, dict) else None
+    if act_scale is not None:
+        if saes is None:
+            sae = fold_activation_scale(sae, act_scale)
+        else:
+            scales = act_scale if isinstance(act_scale, dict) else {name: act_scale for name in saes}
+            saes = {name: fold_activation_scale(s, scales[name]) for name, s in saes.items()}
+            sae = saes
     for name, s in (saes or {None: sae}).items():
         if s.cfg.activation != "topk":
             where = f" (hookpoint {name!r})" if name is not None else ""

@@ -430,3 +430,34 @@ def test_saves_replace_a_folder_atomically(tmp_path):
         save(SparseAutoencoder(D, N, "topk", k=K, seed=1), tmp_path / "out")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
         assert not torch.equal(sio.load_sae(tmp_path / "out").W_dec, sae.W_dec)
+
+
+@pytest.mark.parametrize("act", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_folded_activation_scale_reads_raw_activations(tmp_path, act):
+    # An SAE trained on activations * scale; the folded copy (and the files written with act_scale) read
+    # raw activations and reconstruct in raw units, with the same latents.
+    scale = 2.5
+    ours = _randomise(SparseAutoencoder(D, N, act, k=K, seed=0), seed=3)
+    if act == "jumprelu":
+        with torch.no_grad():
+            ours.log_threshold.copy_(torch.randn(N, generator=torch.Generator().manual_seed(5)) - 1.0)
+    if act == "batchtopk":
+        ours.threshold.fill_(0.2)
+    ours.eval()
+    x = _x(seed=7)
+    with torch.no_grad():
+        want = ours(x * scale)
+        folded = sio.fold_activation_scale(ours, scale)
+        got = folded(x)
+    assert torch.equal(got.indices, want.indices)
+    _close(got.x_hat, want.x_hat / scale)
+    assert torch.equal(ours.W_enc, _randomise(SparseAutoencoder(D, N, act, k=K, seed=0), seed=3).W_enc)  # copy
+    sio.save_saelens(ours, tmp_path / "sl", act_scale=scale)
+    with torch.no_grad():
+        _close(sio.load_sae(tmp_path / "sl").decode(*sio.load_sae(tmp_path / "sl").encode(x)), want.x_hat / scale)
+    if act == "topk":
+        sio.save_sparsify({"h.1": ours}, tmp_path / "sp", act_scale={"h.1": scale})
+        with torch.no_grad():
+            _close(sio.load_sae(tmp_path / "sp", hookpoint="h.1")(x).x_hat, want.x_hat / scale)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        sio.fold_activation_scale(ours, 0.0)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from hf_tiny import tiny_model_dir, write_corpus
 from sae_fast import SparseAutoencoder, ops
+from sae_fast.io import load_sae
 from sae_fast.cli import main
 from sae_fast.train import Trainer, TrainConfig, list_checkpoints
 from sae_fast.train.config import add_dataclass_arguments, config_from_args, field_docs
@@ -82,11 +83,15 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--model", model, "--corpus", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     assert "nothing to train on" in capsys.readouterr().err
+    assert main(["train", "--activation", "relu", "--export", "sparsify", "--out", str(tmp_path / "o")]) == 2
+    assert "--export sparsify needs --activation topk" in capsys.readouterr().err
+    assert main(["train", "--export", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "export must be none, saelens or sparsify" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the loop and its outputs
 def test_train_writes_run_folder_and_learns(tmp_path, capsys):
-    cfg = _tiny_cfg(tmp_path, layer="h.*", steps=80)
+    cfg = _tiny_cfg(tmp_path, layer="h.*", steps=80, export="sparsify")
     summary = Trainer(cfg).run()
     run = Path(cfg.out)
     assert set(summary["layers"]) == {"h.0", "h.1", "h.2"}
@@ -100,6 +105,11 @@ def test_train_writes_run_folder_and_learns(tmp_path, capsys):
         norm = json.loads((run / "sae" / layer / "normalization.json").read_text())
         assert norm["scale"] == pytest.approx(summary["layers"][layer]["activation_scale"])
         assert 0 < summary["layers"][layer]["fvu"] < 1 and summary["layers"][layer]["l0"] == pytest.approx(4.0)
+        # The export reads raw activations: the activation scale is folded into its weights.
+        exported = load_sae(run / "export" / "sparsify" / layer)
+        scale = norm["scale"]
+        torch.testing.assert_close(exported.W_enc, sae.W_enc * scale)
+        torch.testing.assert_close(exported.W_dec, sae.W_dec / scale)
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000075", "step_00000080"]
     assert json.loads((run / "summary.json").read_text())["steps"] == 80

@@ -92,6 +92,9 @@ class TrainConfig:
     # ---------------------------------------------------------------- output
     out: str = "sae-fast-out"
     """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json."""
+    export: str = "none"
+    """Also write the final SAEs as saelens or sparsify (topk only) folders, export/<format>/<layer>/, with
+    the activation scale folded into the weights so they read raw model activations; none: skip."""
     checkpoint_every: int = 200
     """Steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: int = 2
@@ -129,6 +132,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
         if self.lr_decay not in ("linear", "cosine", "none"):
             raise ValueError(f"lr_decay must be linear, cosine or none; got {self.lr_decay!r}")
+        if self.export not in ("none", "saelens", "sparsify"):
+            raise ValueError(f"export must be none, saelens or sparsify; got {self.export!r}")
+        if self.export == "sparsify" and self.activation != "topk":
+            raise ValueError(f"--export sparsify needs --activation topk (sparsify stores top-k SAEs only); "
+                             f"got {self.activation!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"cache_dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
 

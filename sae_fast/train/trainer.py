@@ -23,7 +23,7 @@ from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
 from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
-from ..io import save_sae
+from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_normalization
 from .config import TrainConfig
@@ -248,7 +248,12 @@ class Trainer:
             folder = self.out / "sae" / n
             save_sae(sae, folder)
             save_normalization(folder, n, scales[n], sae.d_in)
+            if c.export == "saelens":
+                save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
+                             metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
             summary["layers"][n] = final
+        if c.export == "sparsify":
+            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if c.plot:
             try:
