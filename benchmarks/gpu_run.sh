@@ -2,6 +2,7 @@
 # Everything a GPU machine should run, in one command (build, GPU tests, W1-W4 benchmark, memory at 1M latents):
 #   bash benchmarks/gpu_run.sh [OUT]          # OUT defaults to benchmarks/results
 #   QUICK=1 bash benchmarks/gpu_run.sh /tmp/x  # a minutes-long smoke run of the same steps
+#   TUNE=1 bash benchmarks/gpu_run.sh          # also time the Triton launch configs (benchmarks/triton_tune.py)
 # Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.
 set -uo pipefail
 OUT=${1:-benchmarks/results}
@@ -26,4 +27,7 @@ else
   sae-fast bench --device cuda --quiet --out "$OUT"
   # Memory must stay flat in n: W2 at n = 1,048,576 (the dense reference would need B x n x 4 bytes per tensor).
   sae-fast bench --device cuda --quiet --workload w2 --n 1048576 --backends triton --peers sparsify --out "$OUT"
+fi
+if [ "${TUNE:-0}" = 1 ]; then
+  python3 benchmarks/triton_tune.py --budget-s 420 --out "$OUT/triton-tune.json" > "$OUT/triton-tune.txt" 2>&1
 fi
