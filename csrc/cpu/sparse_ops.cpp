@@ -137,16 +137,15 @@ void sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int threads, std::
   }
 }
 
-// out = sum over the latent's entries s of w[e_s] * rows[e_s / K], reduced in entry order, written
+// out = sum over the latent's entries s of coef[s] * rows[roff[s]], reduced in entry order, written
 // once per block of D columns (accumulators stay in registers; no memset, no read-modify-write).
 template <int D, typename O>
-inline void reduce_block(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows,
-                         int64_t d, int64_t c0, O* out) {
+inline void reduce_block(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t c0,
+                         O* out) {
   float acc[D] = {};
   for (int64_t s = 0; s < cnt; ++s) {
-    const int64_t e = ent[s];
-    const float a = w[e];
-    const float* r = rows + (e / K) * d + c0;
+    const float a = coef[s];
+    const float* r = rows + roff[s] + c0;
 #pragma omp simd
     for (int c = 0; c < D; ++c) acc[c] += a * r[c];
   }
@@ -155,14 +154,13 @@ inline void reduce_block(const int64_t* ent, int64_t cnt, int64_t K, const float
 }
 
 template <typename O>
-void reduce_row(const int64_t* ent, int64_t cnt, int64_t K, const float* w, const float* rows, int64_t d,
-                O* out) {
+void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out) {
   constexpr int D = 64;
   int64_t c0 = 0;
-  for (; c0 + D <= d; c0 += D) reduce_block<D>(ent, cnt, K, w, rows, d, c0, out);
+  for (; c0 + D <= d; c0 += D) reduce_block<D>(roff, coef, cnt, rows, c0, out);
   for (; c0 < d; ++c0) {
     float acc = 0.f;
-    for (int64_t s = 0; s < cnt; ++s) acc += w[ent[s]] * rows[(ent[s] / K) * d + c0];
+    for (int64_t s = 0; s < cnt; ++s) acc += coef[s] * rows[roff[s] + c0];
     narrow(acc, out[c0]);
   }
 }
@@ -174,18 +172,32 @@ void latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int6
   std::vector<int64_t> start, entry;
   sort_by_latent(idx, B * K, n, threads, start, entry);
   // One thread owns a latent: its dW_enc, db_enc and dW_dec rows are summed in entry (= row) order and
-  // written once, zeros included, so the result is bitwise the same for any thread count.
-#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t* ent = entry.data() + start[i];
-    const int64_t cnt = start[i + 1] - start[i];
-    if (dp) {
-      reduce_row(ent, cnt, K, dp, xc, d, dW_enc + i * d);
-      float bias = 0.f;
-      for (int64_t s = 0; s < cnt; ++s) bias += dp[ent[s]];
-      narrow(bias, db_enc[i]);
+  // written once, zeros included, so the result is bitwise the same for any thread count. A latent's row
+  // offsets and coefficients are gathered once (an entry's row is entry / K: one division per entry,
+  // not one per entry and column block).
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> roff;
+    std::vector<float> cw, cv;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* ent = entry.data() + start[i];
+      const int64_t cnt = start[i + 1] - start[i];
+      roff.resize(cnt);
+      for (int64_t s = 0; s < cnt; ++s) roff[s] = (ent[s] / K) * d;
+      if (dp) {
+        cw.resize(cnt);
+        float bias = 0.f;
+        for (int64_t s = 0; s < cnt; ++s) bias += (cw[s] = dp[ent[s]]);
+        reduce_row(roff.data(), cw.data(), cnt, xc, d, dW_enc + i * d);
+        narrow(bias, db_enc[i]);
+      }
+      if (v) {
+        cv.resize(cnt);
+        for (int64_t s = 0; s < cnt; ++s) cv[s] = v[ent[s]];
+        reduce_row(roff.data(), cv.data(), cnt, g, d, dW_dec + i * d);
+      }
     }
-    if (v) reduce_row(ent, cnt, K, v, g, d, dW_dec + i * d);
   }
 }
 
