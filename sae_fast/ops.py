@@ -377,11 +377,12 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
 
 def _segment_sum(src: Tensor, idx: Tensor, n: int) -> Tensor:
     """out[i] = sum of src where idx == i, (n,) float64, in a fixed order: a stable sort and float64
-    prefix sums. Not index_add_ or an indexing backward: on CUDA those accumulate with atomics (order
+    prefix sums (float32 on MPS). Not index_add_ or an indexing backward: on CUDA those accumulate with atomics (order
     varies run to run) or serialise repeated indices (22 ms of a 25 ms ReLU+L1 step at W4 on an H100)."""
     flat = idx.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    sums = torch.cat([src.new_zeros(1, dtype=torch.float64), src.reshape(-1)[order].double().cumsum(0)])
+    acc = torch.float32 if src.device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.cat([src.new_zeros(1, dtype=acc), src.reshape(-1)[order].to(acc).cumsum(0)])
     bounds = torch.searchsorted(flat[order], torch.arange(n + 1, device=idx.device))
     return sums[bounds[1:]] - sums[bounds[:-1]]
 
