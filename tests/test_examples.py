@@ -17,3 +17,12 @@ def test_train_loop_learns_on_real_activations(capsys):
     assert result["l0"] == 16.0
     assert result["fvu"] < 0.6, result  # from ~0.9 at the first step
     assert "held-out FVU" in capsys.readouterr().out
+
+
+def test_inspect_and_steer_reads_features_and_moves_the_embedding(tmp_path, capsys):
+    result = _load("inspect_and_steer").main(["--sae", str(tmp_path / "none"), "--texts", "30",
+                                              "--train-steps", "40"])
+    out = capsys.readouterr().out
+    assert "training a small one" in out and "neighbours:" in out and "features on" in out
+    assert result["max_activation"] > 0
+    assert result["after"] != result["before"]  # the clamp reached the model's output

@@ -56,7 +56,8 @@ def resolve_layers(model: nn.Module, layers) -> list[str]:
     """Module names matching ``layers`` (names or glob patterns like ``"h.*"``, a list or comma-separated;
     ``*`` matches within one dotted part, so ``"h.*"`` is the blocks and not their submodules; ``**`` crosses dots),
     in the model's own order. A leading ``<base_model_prefix>.`` (``model.``, ``transformer.``) is accepted
-    too, so names written for a ``...ForCausalLM`` work on the base model. Unknown names raise a
+    too, so names written for a ``...ForCausalLM`` work on the base model, and the other way round: a
+    base-model name (``h.6``, as ``sae-fast train`` records it) works on the wrapper. Unknown names raise a
     ``ValueError`` listing the closest module names."""
     names = [n for n, _ in model.named_modules() if n]
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -65,6 +66,8 @@ def resolve_layers(model: nn.Module, layers) -> list[str]:
         candidates = [pattern]
         if prefix and pattern.startswith(prefix + "."):
             candidates.append(pattern[len(prefix) + 1:])
+        elif prefix and hasattr(model, prefix):  # a base-model name on its ...ForCausalLM wrapper
+            candidates.append(f"{prefix}.{pattern}")
         hits: list[str] = []
         for cand in candidates:
             regex = _glob_regex(cand)

@@ -1,0 +1,156 @@
+"""What a feature means: its top-activating tokens over a corpus, its nearest neighbours by decoder
+direction, and the features that fire on a prompt.
+
+    from sae_fast import features
+    top = features.top_examples(model, tok, "encoder.layer.3", sae, texts, scale=act_scale)
+    print(top.show(123))                         # the 10 strongest contexts of latent 123, «token» marked
+    sims, ids = features.decoder_neighbours(sae, 123)
+    for token, active in features.on_prompt(model, tok, "encoder.layer.3", sae, "def f(x):", scale=act_scale):
+        ...
+
+``scale`` is the activation scale the SAE was trained with (``sae-fast train`` writes it to
+normalization.json beside the SAE); activations are multiplied by it before encoding.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterable
+
+
+import torch
+from torch import Tensor
+
+from .activations.hooks import LayerCapture
+
+
+def decoder_neighbours(sae, latent: int, k: int = 10) -> tuple[Tensor, Tensor]:
+    """The ``k`` latents whose decoder directions are closest to ``latent``'s by cosine similarity
+    (itself excluded): (similarities, latent ids), most similar first."""
+    n = sae.n_latents
+    if not (isinstance(latent, int) and 0 <= latent < n):
+        raise ValueError(f"latent must be an integer in [0, {n}); got {latent!r}")
+    k = min(k, n - 1)
+    W = sae.W_dec.detach().float()
+    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sims = unit @ unit[latent]
+    sims[latent] = -float("inf")
+    best = torch.topk(sims, k)
+    return best.values, best.indices
+
+
+def _tokenize(tokenizer, texts: list[str], ctx_len: int):
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (padding is never kept)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(texts, truncation=True, max_length=ctx_len, padding=True, return_tensors="pt")
+
+
+def _codes(model, tokenizer, layer: str, sae, texts: list[str], scale: float, ctx_len: int):
+    """(input_ids (B, T), keep mask (B, T), values (B*T, K), indices (B*T, K)) for one batch of texts."""
+    enc = _tokenize(tokenizer, texts, ctx_len)
+    device = next(model.parameters()).device
+    with LayerCapture(model, layer) as cap:
+        if len(cap.names) != 1:
+            raise ValueError(f"name one layer; {layer!r} matches {cap.names}")
+        acts = cap.run(**{k: v.to(device) for k, v in enc.items()})[cap.names[0]]
+    if acts.shape[-1] != sae.d_in:
+        raise ValueError(f"layer {layer!r} outputs width {acts.shape[-1]}, the SAE reads {sae.d_in}")
+    B, T = enc["input_ids"].shape
+    with torch.no_grad():
+        values, indices = sae.encode(acts.reshape(B * T, -1).to(sae.W_dec.dtype) * scale)
+    return enc["input_ids"], enc["attention_mask"].bool(), values.float().cpu(), indices.long().cpu()
+
+
+@dataclass
+class TopExamples:
+    """Per latent, its strongest activations over the scanned tokens, strongest first."""
+    values: Tensor            # (n, top) activation values, -inf where fewer were seen
+    tokens: Tensor            # (n, top) global token ids (into ``token_ids``), -1 where none
+    token_ids: Tensor         # (all kept tokens,) vocabulary ids
+    doc: Tensor               # (all kept tokens,) which text each token came from
+    position: Tensor          # (all kept tokens,) its position in that text
+    tokenizer: object
+
+    @property
+    def max_activation(self) -> Tensor:
+        """(n,) each latent's largest activation seen (0 for latents that never fired)."""
+        return self.values[:, 0].clamp_min(0.0)
+
+    def examples(self, latent: int, context: int = 8) -> list[tuple[float, str]]:
+        """(value, text with the activating token marked «like this») for each top example of ``latent``."""
+        out, dec = [], self.tokenizer.decode
+        for value, t in zip(self.values[latent].tolist(), self.tokens[latent].tolist()):
+            if t < 0 or value <= 0:
+                break
+            # A text's tokens are contiguous in the scan's order, so its neighbours are t-context .. t+2.
+            near = [j for j in range(max(t - context, 0), min(t + 3, self.doc.numel())) if self.doc[j] == self.doc[t]]
+            before = [int(self.token_ids[j]) for j in near if j < t]
+            after = [int(self.token_ids[j]) for j in near if j > t]
+            out.append((value, f"{dec(before)} «{dec([int(self.token_ids[t])])}» {dec(after)}".strip()))
+        return out
+
+    def show(self, latent: int, context: int = 8) -> str:
+        lines = [f"latent {latent}: max activation {float(self.max_activation[latent]):.3f}"]
+        lines += [f"  {v:8.3f}  {text}" for v, text in self.examples(latent, context)]
+        return "\n".join(lines)
+
+
+def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: int = 10, scale: float = 1.0,
+                 ctx_len: int = 64, batch_size: int = 16, max_texts: int | None = None,
+                 exclude_special: bool = True) -> TopExamples:
+    """Scan ``texts`` through ``model`` and keep, for every latent, its ``top`` strongest tokens."""
+    n = sae.n_latents
+    best_v = torch.full((n, top), -float("inf"))
+    best_t = torch.full((n, top), -1, dtype=torch.long)
+    ids_all, doc_all, pos_all = [], [], []
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if exclude_special else set()
+    seen = 0
+    texts = iter(texts) if max_texts is None else itertools.islice(texts, max_texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        input_ids, keep, values, indices = _codes(model, tokenizer, layer, sae, batch, scale, ctx_len)
+        B, T = input_ids.shape
+        if special:
+            keep &= ~torch.isin(input_ids, torch.tensor(sorted(special)))
+        keep_flat = keep.reshape(-1)
+        rows = keep_flat.nonzero().squeeze(1)
+        base = sum(t.numel() for t in ids_all)
+        ids_all.append(input_ids.reshape(-1)[rows])
+        doc_all.append((torch.arange(B).repeat_interleave(T) + seen)[rows])
+        pos_all.append(torch.arange(T).repeat(B)[rows])
+        v, i = values[rows], indices[rows]
+        token = (torch.arange(rows.numel()) + base).unsqueeze(1).expand_as(i)
+        live = v > 0
+        # Merge the batch's (latent, value, token) entries into each latent's running top list (the
+        # running entries first, so on equal values the earlier token stays ahead).
+        lat = torch.cat([torch.arange(n).repeat_interleave(top), i[live]])
+        val = torch.cat([best_v.reshape(-1), v[live]])
+        tok = torch.cat([best_t.reshape(-1), token[live]])
+        order = torch.argsort(val, descending=True, stable=True)
+        order = order[torch.argsort(lat[order], stable=True)]  # by latent, strongest first within
+        lat, val, tok = lat[order], val[order], tok[order]
+        start = torch.searchsorted(lat, torch.arange(n))
+        rank = torch.arange(lat.numel()) - start[lat]
+        sel = rank < top
+        best_v[lat[sel], rank[sel]] = val[sel]
+        best_t[lat[sel], rank[sel]] = tok[sel]
+        seen += B
+    if not ids_all:
+        raise ValueError("no texts to scan")
+    return TopExamples(best_v, best_t, torch.cat(ids_all), torch.cat(doc_all), torch.cat(pos_all), tokenizer)
+
+
+def on_prompt(model, tokenizer, layer: str, sae, prompt: str, scale: float = 1.0, top: int = 5,
+              ctx_len: int = 512, exclude_special: bool = True) -> list[tuple[str, list[tuple[int, float]]]]:
+    """For each token of ``prompt``: (token text, its ``top`` strongest (latent, activation) pairs)."""
+    input_ids, keep, values, indices = _codes(model, tokenizer, layer, sae, [prompt], scale, ctx_len)
+    if exclude_special and getattr(tokenizer, "all_special_ids", None):
+        keep &= ~torch.isin(input_ids, torch.tensor(sorted(set(tokenizer.all_special_ids))))
+    out = []
+    for t in range(input_ids.shape[1]):
+        if not keep[0, t]:
+            continue
+        v, i = values[t], indices[t]
+        order = torch.argsort(v, descending=True, stable=True)[:top]
+        pairs = [(int(i[j]), float(v[j])) for j in order if v[j] > 0]
+        out.append((tokenizer.decode([int(input_ids[0, t])]), pairs))
+    return out
