@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from .activations.corpus import window_batches
 from .activations.hooks import LayerCapture
 
 
@@ -39,15 +40,8 @@ def decoder_neighbours(sae, latent: int, k: int = 10) -> tuple[Tensor, Tensor]:
     return best.values, best.indices
 
 
-def _tokenize(tokenizer, texts: list[str], ctx_len: int):
-    if tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (padding is never kept)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer(texts, truncation=True, max_length=ctx_len, padding=True, return_tensors="pt")
-
-
-def _codes(model, tokenizer, layer: str, sae, texts: list[str], scale: float, ctx_len: int):
-    """(input_ids (B, T), keep mask (B, T), values (B*T, K), indices (B*T, K)) for one batch of texts."""
-    enc = _tokenize(tokenizer, texts, ctx_len)
+def _encode_inputs(model, layer: str, sae, enc: dict, scale: float) -> tuple[Tensor, Tensor]:
+    """The SAE code of every position of a tokenized batch: (values (B*T, K), indices (B*T, K)) on CPU."""
     device = next(model.parameters()).device
     with LayerCapture(model, layer) as cap:
         if len(cap.names) != 1:
@@ -55,10 +49,9 @@ def _codes(model, tokenizer, layer: str, sae, texts: list[str], scale: float, ct
         acts = cap.run(**{k: v.to(device) for k, v in enc.items()})[cap.names[0]]
     if acts.shape[-1] != sae.d_in:
         raise ValueError(f"layer {layer!r} outputs width {acts.shape[-1]}, the SAE reads {sae.d_in}")
-    B, T = enc["input_ids"].shape
     with torch.no_grad():
-        values, indices = sae.encode(acts.reshape(B * T, -1).to(sae.W_dec.dtype) * scale)
-    return enc["input_ids"], enc["attention_mask"].bool(), values.float().cpu(), indices.long().cpu()
+        values, indices = sae.encode(acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype) * scale)
+    return values.float().cpu(), indices.long().cpu()
 
 
 @dataclass
@@ -98,19 +91,19 @@ class TopExamples:
 def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: int = 10, scale: float = 1.0,
                  ctx_len: int = 64, batch_size: int = 16, max_texts: int | None = None,
                  exclude_special: bool = True) -> TopExamples:
-    """Scan ``texts`` through ``model`` and keep, for every latent, its ``top`` strongest tokens."""
+    """Scan ``texts`` through ``model`` and keep, for every latent, its ``top`` strongest tokens. Texts are
+    cut into windows of ``ctx_len`` tokens; special tokens and padding are skipped."""
     n = sae.n_latents
     best_v = torch.full((n, top), -float("inf"))
     best_t = torch.full((n, top), -1, dtype=torch.long)
     ids_all, doc_all, pos_all = [], [], []
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) if exclude_special else set()
     seen = 0
     texts = iter(texts) if max_texts is None else itertools.islice(texts, max_texts)
-    while batch := list(itertools.islice(texts, batch_size)):
-        input_ids, keep, values, indices = _codes(model, tokenizer, layer, sae, batch, scale, ctx_len)
+    # Long texts are cut into ctx_len windows (each scanned whole); a window is a "doc" below.
+    for enc, keep in window_batches(tokenizer, texts, ctx_len, batch_size, exclude_special=exclude_special):
+        input_ids = enc["input_ids"]
+        values, indices = _encode_inputs(model, layer, sae, enc, scale)
         B, T = input_ids.shape
-        if special:
-            keep &= ~torch.isin(input_ids, torch.tensor(sorted(special)))
         keep_flat = keep.reshape(-1)
         rows = keep_flat.nonzero().squeeze(1)
         base = sum(t.numel() for t in ids_all)
@@ -142,7 +135,13 @@ def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: i
 def on_prompt(model, tokenizer, layer: str, sae, prompt: str, scale: float = 1.0, top: int = 5,
               ctx_len: int = 512, exclude_special: bool = True) -> list[tuple[str, list[tuple[int, float]]]]:
     """For each token of ``prompt``: (token text, its ``top`` strongest (latent, activation) pairs)."""
-    input_ids, keep, values, indices = _codes(model, tokenizer, layer, sae, [prompt], scale, ctx_len)
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; one prompt needs no padding anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer([prompt], truncation=True, max_length=ctx_len, return_tensors="pt")
+    # Only ids and mask, as in training (collect_text): GPT-2 would add token_type_ids through its embedding.
+    enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    input_ids, keep = enc["input_ids"], enc["attention_mask"].bool()
+    values, indices = _encode_inputs(model, layer, sae, enc, scale)
     if exclude_special and getattr(tokenizer, "all_special_ids", None):
         keep &= ~torch.isin(input_ids, torch.tensor(sorted(set(tokenizer.all_special_ids))))
     out = []
