@@ -90,9 +90,10 @@ class TopExamples:
 
 def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: int = 10, scale: float = 1.0,
                  ctx_len: int = 64, batch_size: int = 16, max_texts: int | None = None,
-                 exclude_special: bool = True) -> TopExamples:
+                 max_tokens: int | None = None, exclude_special: bool = True) -> TopExamples:
     """Scan ``texts`` through ``model`` and keep, for every latent, its ``top`` strongest tokens. Texts are
-    cut into windows of ``ctx_len`` tokens; special tokens and padding are skipped."""
+    cut into windows of ``ctx_len`` tokens; special tokens and padding are skipped. The scan stops after
+    ``max_texts`` texts or once ``max_tokens`` tokens were kept, whichever comes first."""
     n = sae.n_latents
     best_v = torch.full((n, top), -float("inf"))
     best_t = torch.full((n, top), -1, dtype=torch.long)
@@ -127,6 +128,8 @@ def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: i
         best_v[lat[sel], rank[sel]] = val[sel]
         best_t[lat[sel], rank[sel]] = tok[sel]
         seen += B
+        if max_tokens is not None and base + rows.numel() >= max_tokens:
+            break
     if not ids_all:
         raise ValueError("no texts to scan")
     return TopExamples(best_v, best_t, torch.cat(ids_all), torch.cat(doc_all), torch.cat(pos_all), tokenizer)
@@ -153,3 +156,29 @@ def on_prompt(model, tokenizer, layer: str, sae, prompt: str, scale: float = 1.0
         pairs = [(int(i[j]), float(v[j])) for j in order if v[j] > 0]
         out.append((tokenizer.decode([int(input_ids[0, t])]), pairs))
     return out
+
+
+def dashboard(top: TopExamples, sae, latents: Iterable[int], path, neighbours: int = 5, context: int = 10) -> Path:
+    """Write one static HTML page with, per latent, its maximum activation, its top contexts (the
+    activating token highlighted, shaded by strength) and its nearest features by decoder cosine."""
+    import html
+    from pathlib import Path
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>sae-fast features</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}mark{padding:0 2px}"
+             "td{padding:2px 8px;font-family:monospace;white-space:pre-wrap}</style>",
+             f"<h1>{sae.n_latents} latents, d={sae.d_in}</h1>"]
+    for latent in latents:
+        peak = float(top.max_activation[latent])
+        sims, ids = decoder_neighbours(sae, latent, neighbours)
+        near = ", ".join(f"{i} ({s:.2f})" for s, i in zip(sims.tolist(), ids.tolist()))
+        parts.append(f"<h2 id='f{latent}'>latent {latent}</h2><p>max activation {peak:.3f}; neighbours: {near}</p><table>")
+        for value, text in top.examples(latent, context):
+            shade = 0.15 + 0.85 * value / peak if peak > 0 else 0.15
+            body = html.escape(text).replace("«", f"<mark style='background:rgba(255,140,0,{shade:.2f})'>")
+            parts.append(f"<tr><td>{value:.3f}</td><td>{body.replace('»', '</mark>')}</td></tr>")
+        parts.append("</table>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path

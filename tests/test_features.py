@@ -72,3 +72,22 @@ def test_on_prompt_lists_each_token_with_its_strongest_latents(setup):
         assert 0 < len(pairs) <= 3 and vals == sorted(vals, reverse=True) and min(vals) > 0
     with pytest.raises(ValueError, match="width 32, the SAE reads 16"):
         features.on_prompt(model, tok, "h.1", SparseAutoencoder(16, 8, "topk", k=2), "x")
+
+
+def test_features_cli_prints_contexts_and_writes_a_dashboard(setup, tmp_path, capsys):
+    from hf_tiny import write_corpus
+    from sae_fast.cli import main
+
+    _, _, sae = setup
+    sae.save(tmp_path / "sae")
+    (tmp_path / "sae" / "normalization.json").write_text('{"layer": "h.1", "scale": 1.7}')
+    args = ["features", "--sae", str(tmp_path / "sae"), "--model", str(tiny_model_dir("gpt2")),
+            "--corpus", str(write_corpus(tmp_path / "corpus", 3)), "--tokens", "1500", "--count", "2",
+            "--prompt", "import os", "--html", str(tmp_path / "f.html")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("max activation") == 2 and "neighbours:" in out and "features on 'import os'" in out
+    page = (tmp_path / "f.html").read_text()
+    assert page.count("<h2") == 2 and "<mark" in page
+    assert main(["features", "--sae", str(tmp_path / "missing"), "--html", "-"]) == 2
+    assert "sae-fast features: error" in capsys.readouterr().err
