@@ -6,7 +6,7 @@ neighbours by decoder direction, the features firing on a prompt, and a clamp of
 maximum activation (as in Scaling Monosemanticity) that pulls the model's sentence embedding of an
 unrelated prompt toward that feature's contexts.
 
-    python examples/inspect_and_steer.py [--sae sae-fast-out/sae/encoder.layer.3] [--texts 300]
+    python examples/inspect_and_steer.py [--sae sae-fast-out/sae/encoder.layer.3] [--tokens 60000]
 """
 import argparse
 import itertools
@@ -47,7 +47,7 @@ def sentence_embedding(model, tok, texts) -> torch.Tensor:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sae", default="sae-fast-out/sae/" + LAYER, help="an SAE folder (default: sae-fast train's)")
-    ap.add_argument("--texts", type=int, default=300, help="corpus pieces to scan for top examples (default 300)")
+    ap.add_argument("--tokens", type=int, default=60_000, help="corpus tokens to scan for top examples (default 60000)")
     ap.add_argument("--train-steps", type=int, default=200, help="steps when there is no SAE to load (default 200)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -63,8 +63,7 @@ def main(argv=None) -> dict:
         print(f"no SAE at {folder}: training a small one")
         sae, scale = train_small(model, tok, args.train_steps)
 
-    top = features.top_examples(model, tok, LAYER, sae, itertools.islice(default_corpus(), args.texts),
-                                top=5, scale=scale)
+    top = features.top_examples(model, tok, LAYER, sae, default_corpus(), top=5, scale=scale, max_tokens=args.tokens)
     seen = top.max_activation
     picks = torch.topk(seen, 3).indices.tolist()
     for latent in picks:

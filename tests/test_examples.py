@@ -20,7 +20,7 @@ def test_train_loop_learns_on_real_activations(capsys):
 
 
 def test_inspect_and_steer_reads_features_and_moves_the_embedding(tmp_path, capsys):
-    result = _load("inspect_and_steer").main(["--sae", str(tmp_path / "none"), "--texts", "30",
+    result = _load("inspect_and_steer").main(["--sae", str(tmp_path / "none"), "--tokens", "3000",
                                               "--train-steps", "40"])
     out = capsys.readouterr().out
     assert "training a small one" in out and "neighbours:" in out and "features on" in out
