@@ -13,10 +13,11 @@ normalization.json beside the SAE); activations are multiplied by it before enco
 """
 from __future__ import annotations
 
+import html
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
-
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ def _encode_inputs(model, layer: str, sae, enc: dict, scale: float) -> tuple[Ten
     if acts.shape[-1] != sae.d_in:
         raise ValueError(f"layer {layer!r} outputs width {acts.shape[-1]}, the SAE reads {sae.d_in}")
     with torch.no_grad():
-        values, indices = sae.encode(acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype) * scale)
+        values, indices = sae.encode(acts.reshape(-1, acts.shape[-1]).to(sae.W_dec) * scale)
     return values.float().cpu(), indices.long().cpu()
 
 
@@ -161,9 +162,6 @@ def on_prompt(model, tokenizer, layer: str, sae, prompt: str, scale: float = 1.0
 def dashboard(top: TopExamples, sae, latents: Iterable[int], path, neighbours: int = 5, context: int = 10) -> Path:
     """Write one static HTML page with, per latent, its maximum activation, its top contexts (the
     activating token highlighted, shaded by strength) and its nearest features by decoder cosine."""
-    import html
-    from pathlib import Path
-
     parts = ["<!doctype html><meta charset='utf-8'><title>sae-fast features</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:auto}mark{padding:0 2px}"
              "td{padding:2px 8px;font-family:monospace;white-space:pre-wrap}</style>",
