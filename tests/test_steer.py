@@ -83,3 +83,24 @@ def test_bad_requests_are_clear(lm):
     with pytest.raises(ValueError, match="the SAE reads 16"):
         with steer(model, "h.1", SparseAutoencoder(16, 8, "topk", k=2), add={1: 1.0}):
             model(input_ids=torch.tensor([[101, 102]]))
+
+
+def test_steer_cli_generates_plain_and_steered(tmp_path, capsys):
+    from hf_tiny import write_corpus
+    from sae_fast.cli import main
+
+    sae = SparseAutoencoder(32, 48, "topk", k=4, seed=0)
+    sae.save(tmp_path / "sae")
+    (tmp_path / "sae" / "normalization.json").write_text('{"layer": "h.1", "scale": 1.7}')
+    base = ["steer", "--model", str(tiny_model_dir("gpt2")), "--sae", str(tmp_path / "sae"),
+            "--prompt", "def f(x):", "--max-new-tokens", "4"]
+    corpus = str(write_corpus(tmp_path / "corpus", 3))
+    x = capture(transformers.AutoModel.from_pretrained(str(tiny_model_dir("gpt2"))), "h.1",
+                input_ids=torch.tensor([[101, 13366, 1042, 1006, 1060, 1007, 1024]]))["h.1"]
+    fired = int(_codes(sae, x).amax(0).argmax())
+    assert main(base + ["--latent", str(fired), "--corpus", corpus, "--tokens", "800"]) == 0
+    out = capsys.readouterr().out
+    assert f"latent {fired}: max activation" in out and "clamping to 5x" in out
+    assert "plain:" in out and "steered:" in out
+    assert main(base + ["--latent", "48", "--value", "1"]) == 2
+    assert "--latent must be in [0, 48)" in capsys.readouterr().err

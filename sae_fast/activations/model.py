@@ -36,11 +36,13 @@ def _transformers():
     return transformers
 
 
-def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, tokenizer: bool = True):
+def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, tokenizer: bool = True,
+               auto_class: str = "AutoModel"):
     """(model, tokenizer) in eval mode from a local folder or a cached Hugging Face id; ``None`` loads the
     embedded default. Loads the base model (``AutoModel``: no LM head), so layer names are the base
     model's (``h.3`` for GPT-2, ``layers.3`` for Llama; the ``transformer.``/``model.`` prefix is accepted too).
-    ``tokenizer=False`` returns None for the tokenizer (vision models)."""
+    ``auto_class="AutoModelForCausalLM"`` loads the model with its LM head, for generation (the base
+    model's layer names still work on it). ``tokenizer=False`` returns None for the tokenizer (vision models)."""
     path = default_model_path() if name is None else name
     tf = _transformers()
     local = Path(path).expanduser()
@@ -50,7 +52,7 @@ def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, 
     source = str(local) if local.exists() else str(path)
     kwargs = {"local_files_only": True}
     try:
-        model = tf.AutoModel.from_pretrained(source, **kwargs)
+        model = getattr(tf, auto_class).from_pretrained(source, **kwargs)
         tok = tf.AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
     except (OSError, ValueError) as e:
         if local.exists():
