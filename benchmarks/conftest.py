@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sae_fast
+from sae_fast.bench import fused_backends
 
 DEVICE = torch.device(os.environ.get("SAE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -30,22 +31,10 @@ def shapes() -> list:
 
 
 def backends(include_reference: bool = True) -> list:
-    """Every backend that runs on DEVICE (Triton on CPU only under its interpreter: not a speed path)."""
-    names = []
-    for name in sae_fast.available_backends():
-        if name == "reference":
-            if include_reference:
-                names.append(name)
-            continue
-        if name == "triton" and DEVICE.type == "cpu":
-            continue
-        try:
-            with sae_fast.use_backend(name):
-                sae_fast.get_backend(DEVICE)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
+    """Every backend that runs on DEVICE, as `sae-fast bench` picks them (Triton on CPU, its interpreter, is
+    not a speed path)."""
+    names = fused_backends(DEVICE, None)
+    return names if include_reference else [n for n in names if n != "reference"]
 
 
 def shape_id(shape) -> str:

@@ -8,8 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sae_fast
-from sae_fast import SparseAutoencoder
-from sae_fast.bench import L1_COEFF, WORKLOADS, make_setup
+from sae_fast.bench import WORKLOADS, make_setup, sae_fast_harness
 
 
 def main() -> None:
@@ -20,21 +19,17 @@ def main() -> None:
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
     s = make_setup(w, torch.device("cuda"), "bf16")  # the bench's data (ReLU: b_enc shifted to mean L0 k)
-    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, k_aux=0, l1_coeff=L1_COEFF).cuda()
-    with torch.no_grad():
-        for p, v in ((sae.W_enc, s.W_enc), (sae.b_enc, s.b_enc), (sae.W_dec, s.W_dec), (sae.b_dec, s.b_dec)):
-            p.copy_(v)
-    x = s.x
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    h = sae_fast_harness(s, args.backend)            # the bench's sae-fast row: same SAE, same weights
+    opt = torch.optim.Adam(h.params, lr=1e-4)
 
     def step():
         with sae_fast.use_backend(args.backend), torch.autocast("cuda", torch.bfloat16):
-            out = sae(x)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
+            _, loss = h.forward(s.x)
+        loss.backward()
+        h.project_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder_()
+        h.renormalize()
 
     for _ in range(3):
         step()
