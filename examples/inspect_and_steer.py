@@ -10,7 +10,6 @@ unrelated prompt toward that feature's contexts.
 """
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from sae_fast import SparseAutoencoder, features
 from sae_fast.activations import collect_text, default_corpus, load_model
 from sae_fast.steer import steer
+from sae_fast.train.checkpoint import read_normalization
 
 LAYER = "encoder.layer.3"
 
@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
     folder = Path(args.sae)
     if (folder / "cfg.json").is_file():
         sae = SparseAutoencoder.load(folder).eval()
-        norm = folder / "normalization.json"
-        scale = json.loads(norm.read_text())["scale"] if norm.is_file() else 1.0
+        scale, _ = read_normalization(folder)
         print(f"loaded {folder} (activation scale {scale:.3f})")
     else:
         print(f"no SAE at {folder}: training a small one")

@@ -131,17 +131,13 @@ def _features(args) -> int:
 
 
 def _load_sae_with_scale(folder, layer):
-    """(SAE, activation scale, layer) from an SAE folder and normalization.json beside it, if any."""
-    from pathlib import Path
-
+    """(SAE, activation scale, layer) from an SAE folder and the normalization.json beside it, if any."""
     from sae_fast.activations import DEFAULT_LAYER
     from sae_fast.io import load_sae
+    from sae_fast.train.checkpoint import read_normalization
 
-    folder = Path(folder)
-    sae = load_sae(folder).eval()
-    norm = folder / "normalization.json"
-    meta = json.loads(norm.read_text()) if norm.is_file() else {}
-    return sae, float(meta.get("scale", 1.0)), layer or meta.get("layer", DEFAULT_LAYER)
+    scale, trained_layer = read_normalization(folder)
+    return load_sae(folder).eval(), scale, layer or trained_layer or DEFAULT_LAYER
 
 
 def _steer(args) -> int:

@@ -31,6 +31,15 @@ def save_normalization(folder, layer: str, scale: float, d: int) -> None:
                 "to get back to the model's units"}, indent=2) + "\n")
 
 
+def read_normalization(folder) -> tuple[float, str | None]:
+    """(scale, layer) from the normalization.json ``save_normalization`` wrote; (1.0, None) without one."""
+    path = Path(folder) / "normalization.json"
+    if not path.is_file():
+        return 1.0, None
+    meta = json.loads(path.read_text())
+    return float(meta.get("scale", 1.0)), meta.get("layer")
+
+
 def save_checkpoint(root, step: int, state: dict, saes: dict, optimizers: dict, scales: dict, keep: int = 2) -> Path:
     """Write ``root/step_<step>`` atomically, then delete all but the newest ``keep`` checkpoints."""
     root = Path(root)
