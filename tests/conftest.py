@@ -34,5 +34,22 @@ def make_sae_tensors(B, d, n, dtype=torch.float32, seed=0, requires_grad=True, d
     return out
 
 
+def encode_decode(act, k, x, W_enc, b_enc, W_dec, b_dec, theta):
+    """Encode with activation ``act`` (topk, batchtopk, relu, threshold at 0.1, jumprelu) and decode:
+    (values, indices, x_hat, l0), l0 being JumpReLU's differentiable count (zero for the others)."""
+    l0 = x.new_zeros(())
+    if act == "topk":
+        v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+    elif act == "batchtopk":
+        v, i = ops.batch_topk_encode(x, W_enc, b_enc, b_dec, k)
+    elif act == "relu":
+        v, i = ops.relu_encode(x, W_enc, b_enc, b_dec)
+    elif act == "threshold":
+        v, i = ops.threshold_encode(x, W_enc, b_enc, b_dec, 0.1)
+    else:
+        v, i, l0 = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, 0.05, return_l0=True)
+    return v, i, ops.sparse_decode(v, i, W_dec, b_dec), l0
+
+
 def pytest_report_header(config):
     return f"sae_fast backends: {', '.join(sae_fast.available_backends())}; torch {torch.__version__}"

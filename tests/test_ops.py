@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import sae_fast
 from sae_fast import ops, reference as R
 
-from conftest import CPU_BACKENDS, DTYPES, make_sae_tensors
+from conftest import CPU_BACKENDS, DTYPES, encode_decode, make_sae_tensors
 
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 7, 7), (16, 8, 64, 4), (9, 33, 1000, 32)]
 
@@ -70,19 +70,8 @@ def test_encode_decode_matches_reference(backend, dtype, atol, rtol, B, d, n, k,
     tensors = make_sae_tensors(B, d, n, dtype, seed=1)
     theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
 
-    def fn(x, W_enc, b_enc, W_dec, b_dec, theta):
-        if act == "topk":
-            v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
-        elif act == "batchtopk":
-            v, i = ops.batch_topk_encode(x, W_enc, b_enc, b_dec, k)
-        elif act == "relu":
-            v, i = ops.relu_encode(x, W_enc, b_enc, b_dec)
-        elif act == "threshold":
-            v, i = ops.threshold_encode(x, W_enc, b_enc, b_dec, 0.1)
-        else:
-            v, i, l0 = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, 0.05, return_l0=True)
-            return v, i, ops.sparse_decode(v, i, W_dec, b_dec), l0
-        return v, i, ops.sparse_decode(v, i, W_dec, b_dec), v.new_zeros(())
+    def fn(*t):
+        return encode_decode(act, k, *t)
 
     with sae_fast.use_backend(backend):
         out = fn(*tensors, theta)

@@ -20,7 +20,7 @@ from sae_fast import ops, reference as R  # noqa: E402
 from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.kernels import decoder as dec, encoder as enc, latent_backward as lb  # noqa: E402
 
-from conftest import DTYPES, make_sae_tensors  # noqa: E402
+from conftest import DTYPES, encode_decode, make_sae_tensors  # noqa: E402
 from test_ops import _close, _grads_match, _ref_grads  # noqa: E402
 
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 70, 7), (9, 33, 300, 32), (5, 3, 6, 6)]
@@ -61,19 +61,8 @@ def test_encode_decode_matches_reference(dtype, atol, rtol, act):
     tensors = make_sae_tensors(B, d, n, dtype, seed=1)
     theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
 
-    def fn(x, W_enc, b_enc, W_dec, b_dec, theta):
-        l0 = x.new_zeros(())
-        if act == "topk":
-            v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
-        elif act == "batchtopk":
-            v, i = ops.batch_topk_encode(x, W_enc, b_enc, b_dec, k)
-        elif act == "relu":
-            v, i = ops.relu_encode(x, W_enc, b_enc, b_dec)
-        elif act == "threshold":
-            v, i = ops.threshold_encode(x, W_enc, b_enc, b_dec, 0.1)
-        else:
-            v, i, l0 = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, 0.05, return_l0=True)
-        return v, i, ops.sparse_decode(v, i, W_dec, b_dec), l0
+    def fn(*t):
+        return encode_decode(act, k, *t)
 
     with sae_fast.use_backend("triton"):
         out = fn(*tensors, theta)
