@@ -65,6 +65,7 @@ def _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, s
         k_ok = kk < d
         a = tl.load(x_row + kk[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_row + kk[None, :] * stride_wd, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        b = b.to(a.dtype)  # fp32 master weights beside 16-bit x: rounded as an autocast copy would be
         if DOT_FP32:  # Triton's interpreter multiplies bf16 bit patterns as integers; it gets fp32 operands
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -244,6 +245,9 @@ def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, 
 
 
 # ============================================================================ configs
+# fp32 master weights beside 16-bit x: False = the backend hands the tiles a 16-bit copy made for the call;
+# True = the tiles load fp32 and convert (no copy, twice the weight bytes through the GEMM's main loop).
+MASTER_IN_KERNEL = False
 MAX_K = 128  # KP above this holds too many keys in registers; the backend falls back to plain torch
 MAX_K_AUX = 32  # a larger AuxK list does not fit beside the main one; the backend uses a GEMM over the dead rows
 
@@ -338,6 +342,11 @@ def fold_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> 
     return c
 
 
+def _check_weights(x: torch.Tensor, W_enc: torch.Tensor) -> None:
+    assert W_enc.dtype == x.dtype or (W_enc.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)), \
+        f"W_enc {W_enc.dtype} beside x {x.dtype}: same dtype, or fp32 master weights beside 16-bit x"
+
+
 def _grid_args(x, W_enc, cfg: EncoderConfig):
     B, d = x.shape
     n = W_enc.shape[0]
@@ -356,7 +365,8 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
     assert W_enc.shape == (n, d) and c.shape == (n,) and c.dtype == torch.float32
     assert 1 <= k <= n and k <= MAX_K and k_aux <= MAX_K_AUX
     assert not k_aux or (dead_mask is not None and dead_mask.shape == (n,))
-    assert x.dtype == W_enc.dtype and x.device == W_enc.device == c.device
+    _check_weights(x, W_enc)
+    assert x.device == W_enc.device == c.device
     out_dtype = out_dtype or x.dtype
     kp, kp_aux = _pow2(k), _pow2(max(k_aux, 1))
     dev = Device.of(x)
@@ -396,7 +406,8 @@ def threshold_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cut
     B, d = x.shape
     n = W_enc.shape[0]
     assert W_enc.shape == (n, d) and c.shape == (n,) and cutoff.shape == (n,) and capacity >= 1
-    assert x.dtype == W_enc.dtype and x.device == W_enc.device == c.device == cutoff.device
+    _check_weights(x, W_enc)
+    assert x.device == W_enc.device == c.device == cutoff.device
     dev = Device.of(x)
     cfg = config or encoder_config(B, d, n, 1, x.dtype, dev, threshold=True)
     grid, per_split, S = _grid_args(x, W_enc, cfg)

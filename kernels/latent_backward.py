@@ -97,9 +97,9 @@ def sort_by_latent(idx: torch.Tensor, n: int, live: torch.Tensor | None = None) 
 
 def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, xc: torch.Tensor | None = None,
                     v: torch.Tensor | None = None, g: torch.Tensor | None = None,
-                    config: LatentBackwardConfig | None = None):
-    """(dW_enc (n, d) in xc's dtype, db_enc (n,), dW_dec (n, d) in g's dtype); a pair left as None
-    gives None. idx must lie in [0, n)."""
+                    config: LatentBackwardConfig | None = None, grad_dtype: torch.dtype | None = None):
+    """(dW_enc (n, d), db_enc (n,), dW_dec (n, d)) in ``grad_dtype``, else in xc's and g's dtypes; a pair
+    left as None gives None. idx must lie in [0, n)."""
     assert idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)
     B, K = idx.shape
     has_enc, has_dec = dp is not None, v is not None
@@ -111,9 +111,9 @@ def latent_backward(idx: torch.Tensor, n: int, dp: torch.Tensor | None = None, x
     for t in (xc, g):
         assert t is None or (t.shape == (B, d) and t.device == idx.device)
     dev = idx.device
-    dW_enc = torch.empty(n, d, dtype=xc.dtype, device=dev) if has_enc else None
-    db_enc = torch.empty(n, dtype=xc.dtype, device=dev) if has_enc else None
-    dW_dec = torch.empty(n, d, dtype=g.dtype, device=dev) if has_dec else None
+    dW_enc = torch.empty(n, d, dtype=grad_dtype or xc.dtype, device=dev) if has_enc else None
+    db_enc = torch.empty(n, dtype=grad_dtype or xc.dtype, device=dev) if has_enc else None
+    dW_dec = torch.empty(n, d, dtype=grad_dtype or g.dtype, device=dev) if has_dec else None
     live = (dp != 0) if has_enc else None
     if has_dec:
         live = (v != 0) if live is None else live | (v != 0)

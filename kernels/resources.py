@@ -58,9 +58,11 @@ class Launch:
     fn: object
     args: tuple
     kwargs: dict
+    note: str = ""
 
     def config(self) -> str:
-        return " ".join(f"{k}={_short(v)}" for k, v in self.kwargs.items())
+        text = " ".join(f"{k}={_short(v)}" for k, v in self.kwargs.items())
+        return f"{text} [{self.note}]" if self.note else text
 
 
 def _short(v):
@@ -99,39 +101,53 @@ def _recording(modules, device):
 
 
 def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
-    """Every kernel launch of one training step of ``workload`` (forward, backward) as the launchers make it."""
+    """Every kernel launch of one training step of ``workload`` (forward, backward) as the launchers make it.
+    bf16 is autocast over fp32 master weights, as SparseAutoencoder runs it: the encoder tiles read a bf16
+    copy of W_enc (and, as a second launch, the fp32 weights themselves: ``encoder.MASTER_IN_KERNEL``);
+    the decoder gathers read fp32 W_dec or a bf16 copy (``ops._gathered``), the backward writes fp32 gradients."""
+    from .. import ops
     from . import decoder, encoder, latent_backward
 
     w = WORKLOADS[workload]
     B, d, n, k = w["B"], w["d"], w["n"], w["k"]
     dt = DTYPES[dtype_name]
+    f32 = torch.float32
     meta = dict(device="meta")
     x = torch.empty(B, d, dtype=dt, **meta)
-    W_enc, W_dec = torch.empty(n, d, dtype=dt, **meta), torch.empty(n, d, dtype=dt, **meta)
-    b_enc, b_dec = torch.empty(n, dtype=dt, **meta), torch.empty(d, dtype=dt, **meta)
+    W_enc, W_dec = torch.empty(n, d, dtype=f32, **meta), torch.empty(n, d, dtype=f32, **meta)
+    b_enc, b_dec = torch.empty(n, dtype=f32, **meta), torch.empty(d, dtype=f32, **meta)
+    W_gemm = torch.empty(n, d, dtype=dt, **meta)  # what the backend hands the tiles (a copy for bf16)
     dev = encoder.Device(cap, TARGETS[cap]["sms"])
+    notes = {}  # launch position -> what sets it apart
     with _recording((encoder, decoder, latent_backward), dev) as sink:
         c = encoder.fold_bias(W_enc, b_enc, b_dec)
-        if w["act"] == "topk":
-            K = k
-            encoder.topk_select(x, W_enc, c, k, out_dtype=torch.float32)
-            if encoder.fuses_aux(AUX_K, dt):
-                encoder.topk_select(x, W_enc, c, k, torch.empty(n, dtype=torch.bool, **meta), AUX_K, torch.float32)
-        else:
-            K = W4_MAX_ROW
-            parts = encoder.threshold_partial(x, W_enc, c, torch.empty(n, dtype=dt, **meta), W4_MAX_ROW)
-            encoder.threshold_compact(*parts, K)
+        K = k if w["act"] == "topk" else W4_MAX_ROW
+        encoders = [(W_gemm, "")] + ([(W_enc, "W_enc fp32 in the tiles")] if dt != f32 else [])
+        for W, text in encoders:
+            start = len(sink)
+            if w["act"] == "topk":
+                encoder.topk_select(x, W, c, k, out_dtype=f32)
+                if encoder.fuses_aux(AUX_K, dt):
+                    encoder.topk_select(x, W, c, k, torch.empty(n, dtype=torch.bool, **meta), AUX_K, f32)
+            else:
+                parts = encoder.threshold_partial(x, W, c, torch.empty(n, dtype=f32, **meta), W4_MAX_ROW)
+                if not text:
+                    encoder.threshold_compact(*parts, K)
+            notes.update(dict.fromkeys(range(start, len(sink)), text))
         idx = torch.empty(B, K, dtype=torch.int32, **meta)
-        values, g = torch.empty(B, K, dtype=dt, **meta), torch.empty(B, d, dtype=dt, **meta)
-        decoder.sparse_decode(values, idx, W_dec, b_dec)      # x_hat
-        decoder.gather_dot(g, idx, W_dec)                     # dv
-        decoder.sparse_decode(values, idx, W_enc)             # dx
+        W_read = ops._gathered(W_dec, dt, B * K, 2)           # what the decode and gather-dot read
+        values, dp = torch.empty(B, K, dtype=dt, **meta), torch.empty(B, K, dtype=W_read.dtype, **meta)
+        g, xc = torch.empty(B, d, dtype=dt, **meta), torch.empty(B, d, dtype=dt, **meta)
+        decoder.sparse_decode(values, idx, W_read, b_dec)     # x_hat
+        decoder.gather_dot(g, idx, W_read)                    # dv
+        decoder.sparse_decode(dp, idx, W_enc)                 # dx
         if w["act"] == "topk":                                 # one latent-sorted pass for all three
-            latent_backward.latent_backward(idx, n, values, x, values, g)
+            latent_backward.latent_backward(idx, n, dp, xc, values, g, grad_dtype=f32)
         else:                                                  # encoder and decoder nodes separately
-            latent_backward.latent_backward(idx, n, values, x)
-            latent_backward.latent_backward(idx, n, v=values, g=g)
-    return [Launch(workload, dtype_name, cap, name, fn, args, kwargs) for name, fn, args, kwargs in sink]
+            latent_backward.latent_backward(idx, n, values, xc, grad_dtype=f32)
+            latent_backward.latent_backward(idx, n, v=values, g=g, grad_dtype=f32)
+    return [Launch(workload, dtype_name, cap, name, fn, args, kwargs, notes.get(i, ""))
+            for i, (name, fn, args, kwargs) in enumerate(sink)]
 
 
 # ============================================================================ compile and inspect
@@ -249,8 +265,9 @@ def markdown(rows: list[dict], command: str) -> str:
     return (f"# Triton kernels: static resource usage (compiled, not run)\n\nMade by `{command}` "
             f"(triton {_triton_version()}, no GPU: cubins from `triton.compile` for each target, read with "
             f"`cuobjdump`). Every launch of one training step of each DESIGN.md workload, with the config its "
-            f"launcher picks for the target's SM count. W4: ReLU, code padded to {W4_MAX_ROW}; the bf16 top-k "
-            f"encoder also appears with a fused AuxK list of {AUX_K}.\n\n" + head + body)
+            f"launcher picks for the target's SM count. bf16 is autocast over fp32 master weights. W4: ReLU, code "
+            f"padded to {W4_MAX_ROW}; the bf16 top-k encoder also appears with a fused AuxK list of {AUX_K}, and "
+            f"every bf16 encoder launch once more with the fp32 W_enc read by the tiles (MASTER_IN_KERNEL).\n\n" + head + body)
 
 
 def _triton_version() -> str:

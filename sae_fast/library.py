@@ -92,20 +92,23 @@ def _(g, idx, W, backend):
 
 @torch.library.custom_op("sae_fast::latent_backward", mutates_args=())
 def latent_backward(idx: Tensor, n: int, dp: Optional[Tensor], xc: Optional[Tensor], v: Optional[Tensor],
-                    g: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dW_enc, db_enc, dW_dec = _registry[backend].latent_backward(idx, n, dp, xc, v, g)
+                    g: Optional[Tensor], grad_dtype: Optional[torch.dtype], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dW_enc, db_enc, dW_dec = _registry[backend].latent_backward(idx, n, dp, xc, v, g, grad_dtype)
     # A custom op cannot return None: absent halves come back as empty tensors.
     ref = xc if xc is not None else g
     return tuple(ref.new_empty(0) if t is None else t for t in (dW_enc, db_enc, dW_dec))
 
 
 @latent_backward.register_fake
-def _(idx, n, dp, xc, v, g, backend):
+def _(idx, n, dp, xc, v, g, grad_dtype, backend):
     ref = xc if xc is not None else g
     enc = dp is not None
     dec = v is not None
-    return (ref.new_empty((n, xc.shape[1]) if enc else (0,)), ref.new_empty((n,) if enc else (0,)),
-            ref.new_empty((n, g.shape[1]) if dec else (0,)))
+    enc_dtype = grad_dtype or (xc.dtype if enc else ref.dtype)
+    dec_dtype = grad_dtype or (g.dtype if dec else ref.dtype)
+    return (ref.new_empty((n, xc.shape[1]) if enc else (0,), dtype=enc_dtype),
+            ref.new_empty((n,) if enc else (0,), dtype=enc_dtype),
+            ref.new_empty((n, g.shape[1]) if dec else (0,), dtype=dec_dtype))
 
 
 class Dispatched:
@@ -130,7 +133,7 @@ class Dispatched:
     def gather_dot(self, g, idx, W):
         return gather_dot(g, idx, W, self.name)
 
-    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
-        dW_enc, db_enc, dW_dec = latent_backward(idx, n, dp, xc, v, g, self.name)
+    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
+        dW_enc, db_enc, dW_dec = latent_backward(idx, n, dp, xc, v, g, grad_dtype, self.name)
         return (dW_enc if dp is not None else None, db_enc if dp is not None else None,
                 dW_dec if v is not None else None)

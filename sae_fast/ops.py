@@ -121,8 +121,18 @@ def _fmt(t: Tensor) -> str:
     return f"shape {tuple(t.shape)} and dtype {t.dtype}"
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_master(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """fp32 weights beside 16-bit activations: the ops read them as they are ("master weights") and
+    return their gradients in fp32, so mixed-precision training needs no 16-bit copies of the weights."""
+    return weight_dtype == torch.float32 and compute_dtype in _LOW_PRECISION
+
+
 def _check_float(name: str, t, shape: tuple, dtype=None, device=None) -> None:
-    """``shape`` entries are ints, or None for 'any size'."""
+    """``shape`` entries are ints, or None for 'any size'. A weight must have ``dtype`` (x's), or be a
+    float32 master weight when ``dtype`` is 16-bit."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if not t.is_floating_point():
@@ -130,8 +140,9 @@ def _check_float(name: str, t, shape: tuple, dtype=None, device=None) -> None:
     want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
         raise ValueError(f"{name} must have shape {want}; got {_fmt(t)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} like x; got {_fmt(t)}")
+    if dtype is not None and t.dtype != dtype and not is_master(t.dtype, dtype):
+        also = " (or torch.float32 master weights)" if dtype in _LOW_PRECISION else ""
+        raise TypeError(f"{name} must have dtype {dtype} like x{also}; got {_fmt(t)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}; put all tensors on one device")
 
@@ -189,16 +200,42 @@ def _gemv_for_bias_grad(W_enc: Tensor) -> bool:
     return W_enc.device.type != "cpu"
 
 
+def _sum_rows(t: Tensor) -> Tensor:
+    """Column sums accumulated and returned in at least fp32 (bias gradients of 16-bit activations)."""
+    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
     """sum_b dL/dx[b] through the encoder, = sum_{b,j} dp[b,j] W_enc[idx[b,j]] = db_enc @ W_enc.
 
     On GPUs the GEMV reads W_enc once instead of gathering B*k rows. Not on CPU: MKL's GEMV splits the sum
     over n by thread count, and CPU gradients must be bitwise the same for any thread count."""
     if dx is not None:
-        return dx.sum(0)
+        return _sum_rows(dx)
     if db_enc is not None and _gemv_for_bias_grad(W_enc):
         return db_enc.to(W_enc.dtype) @ W_enc
     return backend.sparse_decode(dp, idx, W_enc).sum(0)
+
+
+def _cast(dtype, *tensors):
+    """The reference backend's view of master weights: rounded to the activations' dtype, as autocast would."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _like(grads, dtypes):
+    """Gradients in their inputs' dtypes (fp32 for master weights, 16-bit for 16-bit activations)."""
+    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes))
+
+
+def _gathered(W: Tensor, dtype: torch.dtype, rows: int, gathers: int) -> Tensor:
+    """The decoder weights that ``gathers`` gathers of ``rows`` rows each will read. fp32 master weights beside
+    16-bit codes are read as they are, unless a 16-bit copy costs fewer bytes: one pass (read 4 + write 2 per
+    weight) against 2 bytes saved per weight of every gathered row, i.e. when rows * gathers > 3 n (W1, W3:
+    B*k is several times n). Made inside an autograd Function, the copy is not differentiated through."""
+    if not is_master(W.dtype, dtype):
+        return W
+    wide, narrow = W.element_size(), torch.empty((), dtype=dtype).element_size()
+    return W.to(dtype) if rows * gathers * (wide - narrow) > W.shape[0] * (wide + narrow) else W
 
 
 class _Select(torch.autograd.Function):
@@ -213,40 +250,48 @@ class _Select(torch.autograd.Function):
         else:
             pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, arg)
         ctx.backend = backend
-        ctx.save_for_backward(x, W_enc, b_dec, pre, idx)
+        ctx.save_for_backward(x, W_enc, b_enc, b_dec, pre, idx)
         ctx.mark_non_differentiable(idx)
         return pre, idx
 
     @staticmethod
     def backward(ctx, d_pre, _):
-        x, W_enc, b_dec, pre, idx = ctx.saved_tensors
+        x, W_enc, b_enc, b_dec, pre, idx = ctx.saved_tensors
         need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
         dp = torch.where(torch.isfinite(pre), d_pre, 0.0)  # padding entries (-inf) carry no gradient
-        dW_enc = db_enc = dx = None
+        dW_enc = db_enc = dx = db_dec = None
         if need_W or need_b_enc:
-            dW_enc, db_enc, _ = ctx.backend.latent_backward(idx, W_enc.shape[0], dp=dp, xc=x - b_dec)
+            # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
+            xc = (x - b_dec).to(x.dtype)
+            dW_enc, db_enc, _ = ctx.backend.latent_backward(idx, W_enc.shape[0], dp=dp, xc=xc, grad_dtype=W_enc.dtype)
         if need_x:
             dx = ctx.backend.sparse_decode(dp, idx, W_enc)
-        db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx) if need_b_dec else None
-        return dx if need_x else None, dW_enc, db_enc, db_dec, None, None, None
+        if need_b_dec:
+            db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx)
+        grads = _like((dx, dW_enc, db_enc, db_dec), (t.dtype for t in (x, W_enc, b_enc, b_dec)))
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, idx, W_dec, b_dec, backend):
         ctx.backend = backend
-        ctx.has_bias = b_dec is not None
-        ctx.save_for_backward(values, idx, W_dec)
-        return backend.sparse_decode(values, idx, W_dec, b_dec)
+        ctx.bias_dtype = None if b_dec is None else b_dec.dtype
+        ctx.weight_dtype = W_dec.dtype
+        W = _gathered(W_dec, values.dtype, idx.numel(), 2 if ctx.needs_input_grad[0] else 1)
+        ctx.save_for_backward(values, idx, W)
+        # Backends return W's dtype; a decode over master weights comes back in the code's dtype.
+        return backend.sparse_decode(values, idx, W, b_dec).to(values.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        values, idx, W_dec = ctx.saved_tensors
+        values, idx, W = ctx.saved_tensors
         need_v, _, need_W, need_b = ctx.needs_input_grad[:4]
         g = g.contiguous()
-        dv = ctx.backend.gather_dot(g, idx, W_dec) if need_v else None
-        dW_dec = ctx.backend.latent_backward(idx, W_dec.shape[0], v=values, g=g)[2] if need_W else None
-        db_dec = g.sum(0) if (need_b and ctx.has_bias) else None
+        dv = ctx.backend.gather_dot(g, idx, W).to(values.dtype) if need_v else None
+        dW_dec = (ctx.backend.latent_backward(idx, W.shape[0], v=values, g=g, grad_dtype=ctx.weight_dtype)[2]
+                  if need_W else None)
+        db_dec = _sum_rows(g).to(ctx.bias_dtype) if (need_b and ctx.bias_dtype) else None
         return dv, None, dW_dec, db_dec, None
 
 
@@ -258,19 +303,21 @@ class _TopKSAE(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead_mask, k_aux, backend):
         pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         values = torch.relu(pre)
-        x_hat = backend.sparse_decode(values, idx, W_dec, b_dec)
+        ctx.dtypes = [t.dtype for t in (x, W_enc, b_enc, W_dec, b_dec)]
+        W_dec = _gathered(W_dec, x.dtype, idx.numel(), 2 if any(ctx.needs_input_grad[:5]) else 1)
+        x_hat = backend.sparse_decode(values, idx, W_dec, b_dec).to(x.dtype)
         ctx.backend, ctx.n, ctx.k_aux = backend, W_enc.shape[0], k_aux
         if not k_aux:
             aux_pre = aux_idx = torch.empty(x.shape[0], 0, dtype=x.dtype, device=x.device)
             aux_idx = aux_idx.to(reference.INDEX_DTYPE)
         aux_values = torch.relu(aux_pre)
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
+        ctx.save_for_backward(x, W_enc, b_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return values, idx, x_hat, aux_values, aux_idx
 
     @staticmethod
     def backward(ctx, d_values, _, g, d_aux_values, __):
-        x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
+        x, W_enc, b_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
         backend = ctx.backend
         g = torch.zeros_like(x) if g is None else g.contiguous()
         dv = backend.gather_dot(g, idx, W_dec)
@@ -280,20 +327,23 @@ class _TopKSAE(torch.autograd.Function):
         v = values
         if ctx.k_aux and d_aux_values is not None:
             # AuxK gradients reach W_enc through the aux pre-activations; their dW_dec comes from the aux decode.
-            dp = torch.cat([dp, d_aux_values * (aux_pre > 0)], dim=1)
+            dp = torch.cat([dp, (d_aux_values * (aux_pre > 0)).to(dp.dtype)], dim=1)
             idx = torch.cat([idx, aux_idx], dim=1)
             v = torch.cat([values, torch.zeros_like(aux_pre)], dim=1)
         need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
         dW_enc = db_enc = dW_dec = dx = db_dec = None
         if need_W_enc or need_b_enc or need_W_dec:
+            # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
             dW_enc, db_enc, dW_dec = backend.latent_backward(
-                idx, ctx.n, dp=dp, xc=x - b_dec, v=v if need_W_dec else None, g=g)
+                idx, ctx.n, dp=dp, xc=(x - b_dec).to(x.dtype), v=v if need_W_dec else None, g=g,
+                grad_dtype=W_enc.dtype)
         if need_x:
             dx = backend.sparse_decode(dp, idx, W_enc)
         if need_b_dec:
-            db_dec = g.sum(0) - _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx)
-        return (dx if need_x else None, dW_enc if need_W_enc else None, db_enc if need_b_enc else None,
-                dW_dec, db_dec, None, None, None, None)
+            db_dec = _sum_rows(g) - _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx)
+        grads = _like((dx, dW_enc, db_enc, dW_dec, db_dec), ctx.dtypes)
+        return (*(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:5])),
+                None, None, None, None)
 
 
 # ============================================================================ public ops
@@ -304,7 +354,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) 
     _check_k("k", k, W_enc.shape[0])
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        return reference.topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
+        return reference.topk(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), k)
     pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "topk", k)
     return torch.relu(pre), idx
 
@@ -314,7 +364,7 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> tuple
     _check_encoder(x, W_enc, b_enc, b_dec)
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        return reference.relu(reference.pre_activations(x, W_enc, b_enc, b_dec))
+        return reference.relu(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)))
     cutoff = torch.zeros_like(b_enc)
     pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
     return torch.relu(pre), idx
@@ -330,7 +380,8 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thet
     _check_float("theta", theta, (W_enc.shape[0],), x.dtype, x.device)
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
+        pre = reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec))
+        theta = theta.to(x.dtype)
         values, idx = reference.jumprelu(pre, theta, bandwidth)
         l0 = reference.l0_step(pre, theta, bandwidth)
     else:
@@ -349,7 +400,7 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     _check_k("k", k, W_enc.shape[0])
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        return reference.batch_topk(reference.pre_activations(x, W_enc, b_enc, b_dec), k)
+        return reference.batch_topk(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), k)
     pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "batchtopk", k)
     return torch.relu(pre), idx
 
@@ -359,7 +410,7 @@ def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thr
     _check_encoder(x, W_enc, b_enc, b_dec)
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        return reference.threshold_relu(reference.pre_activations(x, W_enc, b_enc, b_dec), threshold)
+        return reference.threshold_relu(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), threshold)
     cutoff = torch.full_like(b_enc, max(float(threshold), 0.0))
     pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
     return torch.relu(pre), idx
@@ -371,7 +422,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     backend = get_backend(values.device)
     if isinstance(backend, ReferenceBackend):
         library.check_index_range(indices, W_dec.shape[0])
-        return reference.sparse_decode(values, indices, W_dec, b_dec)
+        return reference.sparse_decode(values, indices, *_cast(values.dtype, W_dec, b_dec))
     return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, _kernels(backend))
 
 
@@ -443,6 +494,7 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
         k_aux = 0
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
+        W_enc, b_enc, W_dec, b_dec = _cast(x.dtype, W_enc, b_enc, W_dec, b_dec)
         pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
         values, idx = reference.topk(pre, k)
         x_hat = reference.sparse_decode(values, idx, W_dec, b_dec)

@@ -163,17 +163,25 @@ def optimizer(s: Shape, project: bool = True) -> list:
 # ---------------------------------------------------------------------------- sae-fast
 def sae_fast_kernels(s: Shape, fused_optimizer: bool = False) -> list:
     """sae-fast's algorithm as ops.py runs it on a fused backend (SparseAutoencoder, TopK or ReLU+L1).
+    Under autocast the ops read the fp32 master weights themselves (m bytes): only the encoder tiles get a
+    compute-dtype copy of W_enc, made per call; weight gathers, the backward's fp32 intermediates and the
+    gradients are m bytes (no gradient is cast back); rows of x - b_dec and g stay e bytes.
     ``fused_optimizer``: DESIGN.md's optional mode with the optimizer inside the per-latent pass (not built yet)."""
     B, d, n, k, e, m, S = s.B, s.d, s.n, s.k, s.e, s.m, s.splits
     Bk, Bkd, BD = B * k, B * k * d, B * d
-    ks = list(cast_in(s))
+    ks = list(cast_in(s, ("W_enc",)))
     if s.e != s.m:
         ks.append(Kernel("cast x to compute dtype", "fwd", 0, False, {"x": BD * m}, {"x (e)": BD * e}))
+    # ops._gathered: the two gathers of W_dec rows (decode, gather-dot) read an e-byte copy of W_dec when that
+    # moves fewer bytes than gathering the m-byte masters; wd = bytes per gathered W_dec element.
+    wd = e if e != m and 2 * Bk * (m - e) > n * (m + e) else m
+    if wd != m:
+        ks.append(Kernel("copy W_dec for the gathers", "fwd", 0, False, {"W_dec": n * d * m}, {"W_dec (e)": n * d * e}))
     if s.activation == "topk":
         # Fused GEMM + running top-k, grid (row block, n split): flops 2·B·d·n; each split re-reads its rows of x;
         # W_enc and b_enc once; writes S partial top-k lists of fp32 scores and int32 indices: B·S·k·(4+4).
         ks.append(Kernel("fused encode GEMM + top-k, split-n partials", "fwd", 2 * B * d * n, True,
-                         {"x": BD * e * S, "b_dec": d * e, "W_enc": n * d * e, "b_enc": n * e},
+                         {"x": BD * e * S, "b_dec": d * m, "W_enc": n * d * e, "b_enc": n * m},
                          {"partial scores": B * S * k * 4, "partial idx": B * S * k * I32}))
         # Merge S·k candidates to k per row: reads the partials, writes pre (B·k·e) and idx (B·k·int32).
         ks.append(Kernel("merge split-n partials to top-k", "fwd", B * S * k, False,
@@ -182,36 +190,38 @@ def sae_fast_kernels(s: Shape, fused_optimizer: bool = False) -> list:
     else:
         # Fused GEMM + threshold compaction: writes the K entries per row above the cutoff (fp32 score, int32 idx).
         ks.append(Kernel("fused encode GEMM + threshold compaction", "fwd", 2 * B * d * n, True,
-                         {"x": BD * e * S, "b_dec": d * e, "W_enc": n * d * e, "b_enc": n * e, "cutoff": n * e},
+                         {"x": BD * e * S, "b_dec": d * m, "W_enc": n * d * e, "b_enc": n * m, "cutoff": n * m},
                          {"pre": Bk * e, "idx": Bk * I32}))
     ks.append(Kernel("relu(pre) -> values", "fwd", Bk, False, {"pre": Bk * e}, {"values": Bk * e}))
     # Sparse decode: x_hat[b] = sum_j values[b,j] W_dec[idx[b,j]] + b_dec; gathers B·k rows of W_dec.
     ks.append(Kernel("sparse decode (gather k rows of W_dec)", "fwd", 2 * Bkd, False,
-                     {"values": Bk * e, "idx": Bk * I32, "W_dec rows": Bkd * e, "b_dec": d * e}, {"x_hat": BD * e}))
+                     {"values": Bk * e, "idx": Bk * I32, "W_dec rows": Bkd * wd, "b_dec": d * m}, {"x_hat": BD * wd}))
+    if e != wd:
+        ks.append(Kernel("cast x_hat to compute dtype", "fwd", 0, False, {"x_hat": BD * wd}, {"x_hat (e)": BD * e}))
     if s.activation == "relu":
         # L1 = sum_i f_i ||W_dec_i||: row norms of W_dec (one pass), gathered per active entry.
-        ks.append(Kernel("decoder row norms for L1", "fwd", 2 * n * d, False, {"W_dec": n * d * e}, {"norms": n * 4}))
+        ks.append(Kernel("decoder row norms for L1", "fwd", 2 * n * d, False, {"W_dec": n * d * m}, {"norms": n * 4}))
         ks.append(Kernel("L1 = sum values * norms[idx]", "fwd", 2 * Bk, False,
                          {"values": Bk * e, "idx": Bk * I32, "norms[idx]": Bk * 4}, {}))
     ks += loss_kernels(s, e)
     # ---- backward
     # gather-dot: dv[b,j] = <g[b], W_dec[idx[b,j]]>: reads g once per row and B·k gathered rows; writes dv.
     ks.append(Kernel("gather-dot dv = <g, W_dec[idx]>", "bwd", 2 * Bkd, False,
-                     {"g": BD * e, "idx": Bk * I32, "W_dec rows": Bkd * e}, {"dv": Bk * e}))
+                     {"g": BD * e, "idx": Bk * I32, "W_dec rows": Bkd * wd}, {"dv": Bk * wd}))
     ks.append(Kernel("dp = dv * (pre > 0)" + (" + L1 term" if s.activation == "relu" else ""), "bwd", 2 * Bk, False,
-                     {"dv": Bk * e, "pre": Bk * e}, {"dp": Bk * e}))
-    ks.append(Kernel("xc = x - b_dec (recomputed)", "bwd", BD, False, {"x": BD * e, "b_dec": d * e}, {"xc": BD * e}))
+                     {"dv": Bk * wd, "pre": Bk * e}, {"dp": Bk * wd}))
+    ks.append(Kernel("xc = x - b_dec (recomputed)", "bwd", BD, False, {"x": BD * e, "b_dec": d * m}, {"xc": BD * e}))
     # Counting sort of the B·k (row, slot) entries by latent: histogram + scan + stable scatter.
     ks.append(Kernel("counting sort of entries by latent", "bwd", 2 * Bk, False,
                      {"idx (histogram)": Bk * I32, "idx (scatter)": Bk * I32, "counts": n * I32},
                      {"counts": n * I32, "offsets": n * I32, "entries by latent": Bk * I32}))
-    latent_reads = {"entries": Bk * I32, "offsets": n * I32, "dp": Bk * e, "values": Bk * e,
+    latent_reads = {"entries": Bk * I32, "offsets": n * I32, "dp": Bk * wd, "values": Bk * e,
                     "xc rows": Bkd * e, "g rows": Bkd * e}
     if not fused_optimizer:
         # One pass per latent block: dW_enc[i] = sum dp·xc[b], db_enc[i] = sum dp, dW_dec[i] = sum v·g[b];
         # gathers B·k rows of xc and of g; writes every gradient row once (zero rows included, no memset).
         ks.append(Kernel("latent-sorted backward dW_enc, db_enc, dW_dec", "bwd", 4 * Bkd, False, latent_reads,
-                         {"dW_enc": n * d * e, "db_enc": n * e, "dW_dec": n * d * e}))
+                         {"dW_enc": n * d * m, "db_enc": n * m, "dW_dec": n * d * m}))
     else:
         # DESIGN.md item 6: the same pass also applies the decoder-gradient projection, Adam and the decoder renorm
         # while each latent's rows are on chip: reads and writes W_enc, W_dec, b_enc and their two Adam moments once
@@ -224,16 +234,15 @@ def sae_fast_kernels(s: Shape, fused_optimizer: bool = False) -> list:
     if s.activation == "relu":
         # d/dW_dec of the L1 term: lambda * (sum_b f_i) W_dec_i / ||W_dec_i||, a pass over W_dec.
         ks.append(Kernel("L1 gradient into dW_dec", "bwd", 3 * n * d, False,
-                         {"W_dec": n * d * e, "dW_dec": n * d * e}, {"dW_dec": n * d * e}))
+                         {"W_dec": n * d * m, "dW_dec": n * d * m}, {"dW_dec": n * d * m}))
     # db_dec = sum g - sum dp·W_enc[idx]: ops.py forms dx = sparse_decode(dp, idx, W_enc) (B·k gathered rows).
     ks.append(Kernel("dx = sparse decode of dp with W_enc (for db_dec)", "bwd", 2 * Bkd, False,
-                     {"dp": Bk * e, "idx": Bk * I32, "W_enc rows": Bkd * e}, {"dx": BD * e}))
-    ks.append(Kernel("db_dec = sum g - sum dx", "bwd", 2 * BD, False, {"g": BD * e, "dx": BD * e}, {"db_dec": d * e}))
+                     {"dp": Bk * wd, "idx": Bk * I32, "W_enc rows": Bkd * m}, {"dx": BD * m}))
+    ks.append(Kernel("db_dec = sum g - sum dx", "bwd", 2 * BD, False, {"g": BD * e, "dx": BD * m}, {"db_dec": d * m}))
     if not fused_optimizer:
-        ks += grad_cast(s)
         ks += optimizer(s, project=True)
-    else:  # b_dec alone goes through the ordinary cast and Adam: d parameters
-        ks.append(Kernel("cast db_dec, Adam on b_dec", "opt", 12 * d, False, {"b_dec state": 5 * d * m},
+    else:  # b_dec alone goes through Adam: d parameters
+        ks.append(Kernel("Adam on b_dec", "opt", 12 * d, False, {"b_dec state": 4 * d * m},
                          {"b_dec state": 3 * d * m}))
     return ks
 

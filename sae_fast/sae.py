@@ -134,12 +134,17 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ encode / decode
     def _weights(self, x: Tensor):
-        """Parameters in the compute dtype: autocast's when it is on, else the parameters' own."""
+        """(compute dtype, [W_enc, b_enc, W_dec, b_dec]). The compute dtype is autocast's when it is on,
+        else the parameters' own. fp32 parameters under 16-bit autocast go to the ops as they are (master
+        weights): no 16-bit copies of the weights, and their gradients come back in fp32 directly."""
         dtype = self.W_enc.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        names = ("W_enc", "b_enc", "W_dec", "b_dec")
-        return dtype, [getattr(self, n).to(dtype) for n in names]
+        return dtype, [self._as(getattr(self, n), dtype) for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
+
+    @staticmethod
+    def _as(param: Tensor, dtype: torch.dtype) -> Tensor:
+        return param if ops.is_master(param.dtype, dtype) else param.to(dtype)
 
     def _flatten(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -152,7 +157,7 @@ class SparseAutoencoder(nn.Module):
         """(values, indices), plus JumpReLU's differentiable L0 when ``return_l0`` (None otherwise)."""
         cfg = self.cfg
         if cfg.activation == "jumprelu":
-            theta = self.log_threshold.exp().to(x.dtype)
+            theta = self._as(self.log_threshold.exp(), x.dtype)
             out = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, theta, cfg.jumprelu_bandwidth, return_l0=True)
             return out if return_l0 else out[:2]
         return self._encode_other(x, W_enc, b_enc, b_dec) + ((None,) if return_l0 else ())

@@ -93,6 +93,103 @@ def test_encode_decode_matches_reference(backend, dtype, atol, rtol, B, d, n, k,
     _grads_match(loss, out, ref, tensors + [theta], t64, atol, rtol)
 
 
+MASTER_ACTS = ["topk_sae", "topk", "batchtopk", "relu", "threshold", "jumprelu"]
+
+
+def _selection_boundary(act, pre, k, theta):
+    """Where ``act`` decides in or out, per entry of the (B, n) pre-activations."""
+    if act in ("topk", "topk_sae"):
+        return pre.topk(k, dim=1).values[:, -1:].expand_as(pre)
+    if act == "batchtopk":
+        return pre.reshape(-1).topk(k * pre.shape[0]).values[-1].expand_as(pre)
+    if act == "jumprelu":
+        return theta.expand_as(pre)
+    return torch.full_like(pre, 0.1 if act == "threshold" else 0.0)
+
+
+def check_master_weights(backend, act, B=13, d=9, n=70, k=3):
+    """bf16 activations beside fp32 master weights: outputs in bf16, every weight gradient in fp32 (x's in
+    bf16), all matching reference.py in float64 on the same numbers to bf16 accuracy. An entry may change
+    sides only within bf16 rounding of its selection boundary (a kernel may round W_enc to bf16 for the
+    GEMM, as autocast does); gradients are compared when no entry did."""
+    x, *weights = make_sae_tensors(B, d, n, torch.float32, seed=3)
+    x = x.to(torch.bfloat16).requires_grad_()
+    theta = (torch.rand(n, generator=torch.Generator().manual_seed(4)) * 0.3 + 0.05).requires_grad_()
+    dead = torch.arange(n) % 3 == 0
+
+    def fn(x, W_enc, b_enc, W_dec, b_dec, theta):
+        if act == "topk_sae":
+            out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, 3)
+            return out.values, out.indices, out.x_hat, out.aux_values.float().sum()
+        return encode_decode(act, k, x, W_enc, b_enc, W_dec, b_dec, theta)
+
+    tensors = [x, *weights, theta]
+    with sae_fast.use_backend(backend):
+        out = fn(*tensors)
+    assert out[0].dtype == out[2].dtype == torch.bfloat16, "values and x_hat come back in the activations' dtype"
+    ref, t64 = _ref_grads(fn, tensors)
+    dense, dense_ref = R.sparse_to_dense(out[0], out[1], n), R.sparse_to_dense(ref[0], ref[1], n)
+    pre = R.pre_activations(*[t.detach().double() for t in (x, weights[0], weights[1], weights[3])])
+    bound = _selection_boundary(act, pre, k, theta.detach().double())
+    near = (pre - bound).abs() <= 2e-2 * bound.abs() + 1e-2
+    flipped = (dense != 0) != (dense_ref != 0)
+    assert not (flipped & ~near).any(), "an entry far from its selection boundary changed sides"
+    _close(dense * ~flipped, dense_ref * ~flipped, 3e-2, 3e-2, "values")
+    loss = lambda v, i, xh, extra: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + extra.float()
+    used = len(tensors) if act == "jumprelu" else len(tensors) - 1  # theta only matters to JumpReLU
+    grads = torch.autograd.grad(loss(*out), tensors[:used], retain_graph=True)
+    assert [g.dtype for g in grads] == [t.dtype for t in tensors[:used]], "each gradient in its input's dtype"
+    if not flipped.any():
+        _close(out[2], ref[2], 3e-1, 3e-2, "x_hat")
+        _grads_match(loss, out, ref, tensors[:used], t64[:used], 3e-2, 3e-2)
+    return bool(flipped.any())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", MASTER_ACTS)
+@pytest.mark.parametrize("n", [70, 8])  # 8: B*k > 3n, so the gathers read a bf16 copy of W_dec (ops._gathered)
+def test_master_weights_beside_bf16_activations(backend, act, n):
+    check_master_weights(backend, act, n=n)
+
+
+@pytest.mark.parametrize("act", MASTER_ACTS)
+def test_reference_reads_master_weights_as_autocast_copies(act):
+    """The spec of master weights: the op on the weights rounded to the activations' dtype."""
+    x, *weights = make_sae_tensors(13, 9, 70, torch.float32, seed=3)
+    x = x.to(torch.bfloat16)
+    theta = (torch.rand(70, generator=torch.Generator().manual_seed(4)) * 0.3 + 0.05).requires_grad_()
+    masters = [*weights, theta]
+    copies = [t.detach().to(torch.bfloat16).requires_grad_() for t in masters]
+
+    def run(W_enc, b_enc, W_dec, b_dec, theta):
+        if act == "topk_sae":
+            out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, 3, torch.arange(70) % 3 == 0, 3)
+            return out.values, out.indices, out.x_hat, out.aux_values.float().sum()
+        return encode_decode(act, 3, x, W_enc, b_enc, W_dec, b_dec, theta)
+
+    with sae_fast.use_backend("reference"):
+        a, b = run(*masters), run(*copies)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+        loss = lambda v, i, xh, extra: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + extra.float()
+        ga = torch.autograd.grad(loss(*a), masters, allow_unused=True)
+        gb = torch.autograd.grad(loss(*b), copies, allow_unused=True)
+    for u, v in zip(ga, gb):
+        assert (u is None) == (v is None)
+        if u is not None:
+            # Equal up to where the two sum a weight's several uses (fp32 here, bf16 for the copies).
+            assert u.dtype == torch.float32
+            torch.testing.assert_close(u, v.float(), atol=1e-2 * v.abs().max().item(), rtol=1e-2)
+
+
+def test_weights_must_match_x_or_be_fp32_masters():
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(4, 3, 8)
+    with pytest.raises(TypeError, match="float32 master weights"):
+        ops.topk_encode(x.bfloat16(), W_enc.half(), b_enc, b_dec, 2)
+    with pytest.raises(TypeError, match="like x; got"):
+        ops.topk_encode(x, W_enc.bfloat16(), b_enc, b_dec, 2)  # 16-bit weights beside fp32 x: no
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_k_equals_n_and_k_one(backend):
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(5, 3, 6)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sae_fast
-from sae_fast import cli, roofline
+from sae_fast import cli, ops, roofline
 from sae_fast.bench import WORKLOADS
 from sae_fast.roofline import GPUS, Kernel, Shape
 
@@ -22,21 +22,25 @@ def _kernel(kernels, prefix):
     return found[0]
 
 
-def _tensors(dtype):
+def _tensors(dtype, n=N):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, D, generator=g)
-    W_enc, W_dec = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
-    b_enc, b_dec = torch.randn(N, generator=g), torch.randn(D, generator=g)
+    W_enc, W_dec = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    b_enc, b_dec = torch.randn(n, generator=g), torch.randn(D, generator=g)
     return x, *(t.to(dtype) for t in (W_enc, b_enc, W_dec, b_dec))
 
 
+@pytest.mark.parametrize("n", [N, 16])  # 16: B*k is large enough that the gathers read a bf16 copy of W_dec
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype):
+def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype, n):
     e = torch.empty((), dtype=dtype).element_size()
-    s = Shape(B, D, N, K, "topk", e=e, splits=3)
+    s = Shape(B, D, n, K, "topk", e=e, splits=3)
     ks = roofline.sae_fast_kernels(s)
-    x32, W_enc, b_enc, W_dec, b_dec = _tensors(dtype)
+    x32, W_enc, b_enc, W_dec_master, b_dec = _tensors(torch.float32, n)  # fp32 (master) weights beside x
     x = x32.to(dtype)
+    W_dec = ops._gathered(W_dec_master, dtype, B * K, 2)  # what the decode and gather-dot read
+    copies = [k for k in ks if k.name.startswith("copy W_dec")]
+    assert len(copies) == (W_dec.dtype != W_dec_master.dtype) == (dtype == torch.bfloat16 and n == 16)
     with sae_fast.use_backend("torch"):
         backend = sae_fast.get_backend("cpu")
     pre, idx, _, _ = backend.topk_select(x, W_enc, b_enc, b_dec, K)
@@ -44,7 +48,7 @@ def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype):
     assert merge.writes == {"pre": pre.nbytes, "idx": idx.nbytes}
     # the split-n partials hold S candidate lists of k (fp32 score, int32 index) per row
     assert merge.reads["partial scores"] == B * 3 * K * torch.empty((), dtype=torch.float32).element_size()
-    assert _kernel(ks, "fused encode GEMM").reads["W_enc"] == W_enc.nbytes
+    assert _kernel(ks, "fused encode GEMM").reads["W_enc"] == W_enc.to(dtype).nbytes  # the tiles' copy
     assert _kernel(ks, "fused encode GEMM").reads["x"] == 3 * x.nbytes  # re-read once per split
 
     values = torch.relu(pre)
@@ -54,15 +58,15 @@ def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype):
     assert dec.reads == {"values": values.nbytes, "idx": idx.nbytes, "W_dec rows": W_dec[idx.long()].nbytes,
                          "b_dec": b_dec.nbytes}
 
-    g = (x_hat - x).contiguous()
+    g = (x_hat - x).to(dtype).contiguous()  # the gradient of x_hat: x's dtype
     dv = backend.gather_dot(g, idx, W_dec)
     gd = _kernel(ks, "gather-dot")
     assert gd.writes == {"dv": dv.nbytes}
     assert gd.reads["g"] == g.nbytes and gd.reads["W_dec rows"] == W_dec[idx.long()].nbytes
     assert _kernel(ks, "loss backward").writes == {"g": g.nbytes}
 
-    xc = x - b_dec
-    dW_enc, db_enc, dW_dec = backend.latent_backward(idx, N, dp=dv, xc=xc, v=values, g=g)
+    xc = (x - b_dec).to(dtype)
+    dW_enc, db_enc, dW_dec = backend.latent_backward(idx, n, dp=dv, xc=xc, v=values, g=g, grad_dtype=torch.float32)
     lb = _kernel(ks, "latent-sorted backward")
     assert lb.writes == {"dW_enc": dW_enc.nbytes, "db_enc": db_enc.nbytes, "dW_dec": dW_dec.nbytes}
     rows = torch.arange(B).repeat_interleave(K)  # the row of each (row, slot) entry, gathered per latent
@@ -71,13 +75,12 @@ def test_sae_fast_byte_counts_match_the_tensors_of_the_real_ops(dtype):
     assert _kernel(ks, "dx = sparse decode").writes == {"dx": dx.nbytes}
 
     casts = [k for k in ks if k.name.startswith("cast weights")]
+    assert not [k for k in ks if k.name.startswith("cast gradients")]  # gradients are written in fp32
+    assert dW_enc.dtype == dW_dec.dtype == torch.float32
     if dtype == torch.float32:
-        assert not casts and not [k for k in ks if k.name.startswith("cast gradients")]
-    else:  # autocast copies of the fp32 masters, and the gradients cast back
-        masters = [t.float() for t in (W_enc, W_dec, b_enc, b_dec)]
-        assert sum(casts[0].reads.values()) == sum(t.nbytes for t in masters)
-        assert sum(casts[0].writes.values()) == sum(t.to(dtype).nbytes for t in masters)
-        assert sum(_kernel(ks, "cast gradients").writes.values()) == sum(t.nbytes for t in masters)
+        assert not casts
+    else:  # the encoder tiles' copy of W_enc, nothing else
+        assert casts[0].reads == {"W_enc": W_enc.nbytes} and sum(casts[0].writes.values()) == W_enc.to(dtype).nbytes
 
 
 def test_optimizer_byte_counts_match_adam_state():

@@ -164,6 +164,39 @@ def test_autocast_bf16_matches_fp32():
     assert sae.W_enc.grad.dtype == torch.float32
 
 
+def _parents_of_params(loss, params):
+    """Names of the autograd nodes that hand each parameter its gradient."""
+    parents, seen, stack = {id(p): set() for p in params}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            var = getattr(child, "variable", None)
+            if var is not None and id(var) in parents:
+                parents[id(var)].add(type(node).__name__)
+            stack.append(child)
+    return [parents[id(p)] for p in params]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_autocast_reads_fp32_masters_without_copies(backend, act):
+    """Under 16-bit autocast the ops get the fp32 parameters themselves: no 16-bit weight copies are made
+    (no ToCopyBackward between the loss and a weight), and the gradients arrive in fp32."""
+    sae = SparseAutoencoder(16, 48, act, k=4, seed=0)
+    sae.train()
+    with sae_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(_data())
+    assert out.x_hat.dtype == torch.bfloat16
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    for name, parents in zip(("W_enc", "b_enc", "W_dec", "b_dec"), _parents_of_params(out.loss, params)):
+        assert parents and "ToCopyBackward0" not in parents, f"{name} reaches the loss through {parents}"
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_save_load_roundtrip(tmp_path, act):
     sae = SparseAutoencoder(16, 48, act, k=4, seed=0)

@@ -122,3 +122,51 @@ def test_encoder_memory_does_not_grow_with_n():
         torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < B * n * 2 / 16, f"encode used {extra / 2**20:.0f} MiB beyond its inputs"
+
+
+def test_master_weights_in_the_tiles_choose_what_a_bf16_copy_chooses(monkeypatch):
+    """MASTER_IN_KERNEL rounds fp32 W_enc to bf16 in registers (round to nearest even, as .to() does):
+    the same latents and scores as the per-call bf16 copy."""
+    from sae_fast.kernels import encoder as enc
+
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(4096, 768, 32768, torch.float32, requires_grad=False, device=DEV)
+    x = x.bfloat16()
+    runs = []
+    for in_kernel in (False, True):
+        monkeypatch.setattr(enc, "MASTER_IN_KERNEL", in_kernel)
+        with sae_fast.use_backend("triton"):
+            runs.append(ops.topk_encode(x, W_enc, b_enc, b_dec, 32))
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0])
+
+
+def test_autocast_training_step_gets_fp32_gradients_without_weight_copies():
+    """SparseAutoencoder under bf16 autocast on the GPU: fp32 gradients matching the copies' path, and the
+    step's peak memory holds no 16-bit copy of W_dec or gradient tensors (W2's n; B*k small enough that the
+    decoder gathers read the fp32 W_dec, see ops._gathered)."""
+    from sae_fast import SparseAutoencoder
+
+    d, n = 768, 131072
+    sae = SparseAutoencoder(d, n, "topk", k=32, k_aux=0, seed=0, device=DEV)
+    x = torch.randn(2048, d, device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sae(x).loss.backward()  # compile and allocate the gradients first
+    grads = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    assert all(g.dtype == torch.float32 for g in grads)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sae.zero_grad(set_to_none=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sae(x).loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # One transient bf16 copy of W_enc for the encoder tiles (n*d*2 bytes) and small (B, k) and (B, d) tensors;
+    # the copies' path held bf16 W_enc and W_dec through the backward plus bf16 gradients: 4 * n * d * 2.
+    assert extra < 1.5 * n * d * 2, f"the step used {extra / 2**20:.0f} MiB beyond the weights and gradients"
+    with sae_fast.use_backend("reference"), torch.autocast("cuda", dtype=torch.bfloat16):
+        sae.zero_grad(set_to_none=True)
+        sae(x).loss.backward()
+    for name, a, p in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads,
+                          (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)):
+        # Relative to the whole gradient: the reference scores in bf16, so a near-tie may pick another latent.
+        assert ((a - p.grad).norm() / p.grad.norm()).item() < 5e-2, name

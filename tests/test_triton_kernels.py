@@ -21,7 +21,7 @@ from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.kernels import decoder as dec, encoder as enc, latent_backward as lb  # noqa: E402
 
 from conftest import DTYPES, encode_decode, make_sae_tensors  # noqa: E402
-from test_ops import _close, _grads_match, _ref_grads  # noqa: E402
+from test_ops import MASTER_ACTS, _close, _grads_match, _ref_grads, check_master_weights  # noqa: E402
 
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 70, 7), (9, 33, 300, 32), (5, 3, 6, 6)]
 
@@ -52,6 +52,23 @@ def test_topk_sae_matches_reference(dtype, atol, rtol, B, d, n, k):
 
     loss = lambda v, i, xh, av, ai: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + av.float().sum()
     _grads_match(loss, out, ref, tensors, t64, atol, rtol)
+
+
+@pytest.mark.parametrize("in_kernel", [False, True])
+@pytest.mark.parametrize("act", MASTER_ACTS)
+@pytest.mark.parametrize("n", [70, 8])  # 8: the gathers read a bf16 copy of W_dec (ops._gathered)
+def test_master_weights_beside_bf16_activations(monkeypatch, act, in_kernel, n):
+    """fp32 weights with bf16 x: the encoder tiles get a bf16 copy, or (MASTER_IN_KERNEL) the fp32 weights
+    themselves and round them in registers; decoder and backward kernels read fp32 and write fp32 gradients."""
+    monkeypatch.setattr(enc, "MASTER_IN_KERNEL", in_kernel)
+    seen = []
+    for name in ("topk_select", "threshold_select"):
+        original = getattr(enc, name)
+        spy = (lambda f: lambda x, W, *a, **kw: seen.append(W.dtype) or f(x, W, *a, **kw))(original)
+        monkeypatch.setattr(enc, name, spy)
+    check_master_weights("triton", act, n=n)
+    if act != "batchtopk":  # BatchTopK selects through the torch backend's candidates
+        assert seen and set(seen) == {torch.float32 if in_kernel else torch.bfloat16}
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)

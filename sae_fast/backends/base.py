@@ -10,10 +10,13 @@ Primitives (shapes as in reference.py; ``pre`` are pre-activations of the select
     batch_topk_select(x, W_enc, b_enc, b_dec, k) -> pre (B,K), idx (B,K): the batch's B*k largest p
     sparse_decode(values, idx, W, bias) -> (B, d)
     gather_dot(g, idx, W) -> (B, K): <g[b], W[idx[b, j]]>
-    latent_backward(idx, n, dp, xc, v, g) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
+    latent_backward(idx, n, dp, xc, v, g, grad_dtype) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
         dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b];  db_enc[i] = sum dp[b,j];  dW_dec[i] = sum v[b,j] * g[b]
+        in ``grad_dtype`` (fp32 gradients of master weights from 16-bit xc and g), else xc's and g's dtypes
 Variable-length lists are padded with (pre = -inf, idx = 0), so every activation maps padding to 0.
 bf16/fp16 inputs are computed in fp32 (scores, sums); results come back in the inputs' dtype; indices are int32.
+Weights may be fp32 beside 16-bit activations (master weights): selections come back in x's dtype,
+sparse_decode and gather_dot in W's.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ class SparseBackend:
         return torch.bmm(Wa[idx.long()], g.to(Wa.dtype).unsqueeze(-1)).squeeze(-1).to(W.dtype)
 
     # ------------------------------------------------------------------ backward
-    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
+    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
         B, K = idx.shape
         flat = idx.reshape(-1).long()
         rows = torch.arange(B, device=idx.device).repeat_interleave(K)
@@ -148,10 +151,10 @@ class SparseBackend:
             db_enc = torch.zeros(n, dtype=xa.dtype, device=xa.device).index_add_(0, flat, dpf.to(xa.dtype))
             dW_enc = torch.zeros(n, xa.shape[1], dtype=xa.dtype, device=xa.device)
             dW_enc.index_add_(0, flat, dpf[:, None] * xa[rows])
-            dW_enc, db_enc = dW_enc.to(xc.dtype), db_enc.to(xc.dtype)
+            dW_enc, db_enc = dW_enc.to(grad_dtype or xc.dtype), db_enc.to(grad_dtype or xc.dtype)
         if v is not None:
             ga = acc(g)
             dW_dec = torch.zeros(n, ga.shape[1], dtype=ga.dtype, device=ga.device)
             dW_dec.index_add_(0, flat, acc(v).reshape(-1, 1) * ga[rows])
-            dW_dec = dW_dec.to(g.dtype)
+            dW_dec = dW_dec.to(grad_dtype or g.dtype)
         return dW_enc, db_enc, dW_dec

@@ -231,16 +231,17 @@ class CpuBackend(SparseBackend):
                       B, K, d, _threads(B * K * d))
         return out.to(W.dtype)
 
-    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
+    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
         B, K = idx.shape
         ref = xc if xc is not None else g
         if not _native(ref):
-            return super().latent_backward(idx, n, dp, xc, v, g)
+            return super().latent_backward(idx, n, dp, xc, v, g, grad_dtype)
         d = ref.shape[1]
         idx = _i32(idx)
         # Gradients of bf16 weights are written in bf16 by the kernel (one rounding of the fp32 sums);
         # other dtypes get fp32 and a cast.
-        out = torch.bfloat16 if ref.dtype == torch.bfloat16 else torch.float32
+        want = grad_dtype or ref.dtype
+        out = torch.bfloat16 if want == torch.bfloat16 else torch.float32
         dW_enc = db_enc = dW_dec = None
         if dp is not None:
             dp, xc = _f32(dp), _f32(xc)
@@ -251,5 +252,5 @@ class CpuBackend(SparseBackend):
             dW_dec = torch.empty(n, d, dtype=out)
         _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
                            _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16, _threads(n * d + B * K * d))
-        cast = (lambda t: None if t is None else t.to(ref.dtype))
+        cast = (lambda t: None if t is None else t.to(want))
         return cast(dW_enc), cast(db_enc), cast(dW_dec)

@@ -49,15 +49,25 @@ class TritonBackend(SparseBackend):
     def _fold(self, W_enc, b_enc, b_dec):
         return self._kernels("encoder").fold_bias(W_enc, b_enc, b_dec)
 
+    def _gemm_weights(self, x, W_enc):
+        """W_enc as the encoder tiles read it: fp32 master weights beside 16-bit x are rounded to x's
+        dtype for the tensor cores, by a copy that lives for this call only (``encoder.MASTER_IN_KERNEL``
+        has the tiles convert them instead)."""
+        if W_enc.dtype == x.dtype or self._kernels("encoder").MASTER_IN_KERNEL:
+            return W_enc
+        return W_enc.to(x.dtype)
+
     def _topk_acc(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         enc = self._kernels("encoder")
         if not self._native(x) or k > enc.MAX_K:
             return super()._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         c = self._fold(W_enc, b_enc, b_dec)
+        W = self._gemm_weights(x, W_enc)
         if not k_aux or enc.fuses_aux(k_aux, x.dtype):
-            return enc.topk_select(x, W_enc, c, k, dead_mask, k_aux, out_dtype=torch.float32)
+            return enc.topk_select(x, W, c, k, dead_mask, k_aux, out_dtype=torch.float32)
         # A large AuxK list (the default is d_in / 2), or one beside fp32 tiles: a GEMM over the dead rows.
-        pre, idx, _, _ = enc.topk_select(x, W_enc, c, k, out_dtype=torch.float32)
+        pre, idx, _, _ = enc.topk_select(x, W, c, k, out_dtype=torch.float32)
+        del W
         dead = dead_mask.nonzero().squeeze(1)
         aux_pre, aux_pos, _, _ = super()._topk_acc(x, W_enc[dead], b_enc[dead], b_dec, k_aux)
         return pre, idx, aux_pre, dead[aux_pos.long()].to(idx.dtype)
@@ -68,7 +78,8 @@ class TritonBackend(SparseBackend):
         enc = self._kernels("encoder")
         key = (x.shape[0], W_enc.shape[0])
         capacity = self._capacity.get(key, 16)
-        pre, idx, need = enc.threshold_select(x, W_enc, self._fold(W_enc, b_enc, b_dec), cutoff, capacity)
+        c = self._fold(W_enc, b_enc, b_dec)
+        pre, idx, need = enc.threshold_select(x, self._gemm_weights(x, W_enc), c, cutoff, capacity)
         # Next call: room for this batch's need plus a quarter, so a similar batch needs no rerun.
         self._capacity[key] = max(16, need + need // 4)
         return pre, idx
@@ -85,8 +96,8 @@ class TritonBackend(SparseBackend):
         return self._kernels("decoder").gather_dot(g.contiguous(), idx, W)
 
     # ------------------------------------------------------------------ backward
-    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None):
+    def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
         if not self._native(dp, xc, v, g):
-            return super().latent_backward(idx, n, dp, xc, v, g)
-        return self._kernels("latent_backward").latent_backward(idx, n, dp, xc, v, g)
+            return super().latent_backward(idx, n, dp, xc, v, g, grad_dtype)
+        return self._kernels("latent_backward").latent_backward(idx, n, dp, xc, v, g, grad_dtype=grad_dtype)
 
