@@ -135,6 +135,25 @@ def test_other_activations_train(tmp_path, activation):
     assert sae.cfg.activation == activation
 
 
+def test_bf16_autocast_trains_fp32_masters_like_fp32(tmp_path, monkeypatch):
+    """--dtype bf16: the SAE runs under bf16 autocast over its fp32 weights; it learns as the fp32 run does."""
+    fvu, seen = {}, set()
+    forward = SparseAutoencoder.forward
+
+    def spy(self, x):
+        seen.add((dtype, torch.is_autocast_enabled("cpu") and self.training))
+        return forward(self, x)
+
+    monkeypatch.setattr(SparseAutoencoder, "forward", spy)
+    for dtype in ("fp32", "bf16"):
+        cfg = _tiny_cfg(tmp_path / dtype, dtype=dtype, plot=False)
+        fvu[dtype] = Trainer(cfg).run()["layers"]["h.1"]["fvu"]
+        assert SparseAutoencoder.load(Path(cfg.out) / "sae" / "h.1").W_enc.dtype == torch.float32
+    # Training steps autocast only for bf16; the held-out evaluation never does.
+    assert ("fp32", True) not in seen and ("bf16", True) in seen and ("bf16", False) in seen
+    assert fvu["bf16"] < 0.6 and abs(fvu["bf16"] - fvu["fp32"]) < 0.05, fvu
+
+
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     # ReLU's loss (MSE + L1) is a mean over tokens, so two half-batches give the full batch's gradient.
     common = dict(activation="relu", l1_coeff=0.01, steps=6, plot=False, normalize=True)

@@ -88,6 +88,9 @@ class TrainConfig:
     """Seed of the SAE initialisation and the data order."""
     backend: Optional[str] = None
     """Kernel backend (reference, torch, cpu, triton); default: the fastest for the device."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """SAE compute dtype: bf16 autocast over fp32 master weights (weights, gradients and Adam stay fp32), or
+    fp32; auto: bf16 on CUDA, fp32 elsewhere. The held-out evaluation runs in fp32."""
 
     # ---------------------------------------------------------------- output
     out: str = "sae-fast-out"
@@ -137,6 +140,8 @@ class TrainConfig:
         if self.export == "sparsify" and self.activation != "topk":
             raise ValueError(f"--export sparsify needs --activation topk (sparsify stores top-k SAEs only); "
                              f"got {self.activation!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"cache_dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
 

@@ -160,6 +160,8 @@ class Trainer:
                                device=self.device)
         for sae in saes.values():
             sae.train()
+        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not c.progress, dynamic_ncols=True)
         t_log, timed = time.perf_counter(), 0  # for tokens/s: steps done in this process since the last log row
         while step < total:
@@ -169,7 +171,8 @@ class Trainer:
                 batch = next(stream)
                 pos += micro
                 for n in layers:
-                    out = saes[n](batch[n])
+                    with autocast:
+                        out = saes[n](batch[n])
                     (self._loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
                     for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):
