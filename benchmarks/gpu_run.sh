@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one command (build, GPU tests, W1-W4 benchmark, memory at 1M latents):
+# Everything a GPU machine should run, in one command (build, GPU tests, encoder A/B, W1-W4 benchmark, memory
+# at 1M latents):
 #   bash benchmarks/gpu_run.sh [OUT]          # OUT defaults to benchmarks/results
 #   QUICK=1 bash benchmarks/gpu_run.sh /tmp/x  # a minutes-long smoke run of the same steps
 #   TUNE=1 bash benchmarks/gpu_run.sh          # also time the Triton launch configs (benchmarks/triton_tune.py)
@@ -19,6 +20,13 @@ python3 -c "import sae_fast, sae_fast._C; print('backends', sae_fast.available_b
 
 # The GPU tests (realistic sizes, bf16 and fp32, against reference.py in float64).
 python3 -m pytest -q -p no:logging -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+
+# Choices built without a GPU, timed side by side: GEMM + scan vs fused encoder, master weights vs copies.
+if [ "${QUICK:-0}" = 1 ]; then
+  python3 benchmarks/encoder_ab.py --workloads w1 --chunks 4096 --out "$OUT"
+else
+  python3 benchmarks/encoder_ab.py --out "$OUT"
+fi
 
 if [ "${QUICK:-0}" = 1 ]; then
   sae-fast bench --device cuda --quick --quiet --out "$OUT"

@@ -2,7 +2,8 @@
 then their configs and host launchers). Only ``sae_fast.backends.triton`` and the static checks
 (``sae_fast.kernels.resources``) import them.
 
-    encoder          GEMM tiles with a running top-k (or a threshold list) in the epilogue
+    encoder          GEMM tiles with a running top-k (or a threshold list) in the epilogue; or the same
+                     running top-k scanning chunks of cuBLAS scores (topk_scan)
     decoder          sparse decode (gather-accumulate) and gather-dot
     latent_backward  latent-sorted, atomic-free dW_enc / db_enc / dW_dec
 

@@ -12,6 +12,10 @@ only reaches the merge through a cheap test against each row's current k-th best
 inserted one at a time; many (the first tiles) go through ``tl.topk``. The (B, S, KP) partial keys are
 merged to k per row by a second kernel. An optional second running list takes only dead latents (AuxK).
 
+GEMM + scan (``topk_scan``, ``SCAN_CHUNK``): cuBLAS writes the fp32 products of a chunk of latents into one
+reused (B, chunk) buffer and the same partial kernel (FROM_SCORES) merges them into running lists that
+persist in the (B, S, KP) partials from chunk to chunk (RESUME); the merge kernel finishes as above.
+
 Threshold: the same tiles append every entry with p > cutoff[latent] to per-(row, split) lists with a
 capacity; counts keep counting past it, so an overflow is detected and rerun with the exact capacity.
 A compaction kernel then packs the splits' lists into (B, K) rows in ascending latent order.
@@ -142,32 +146,49 @@ def _fold_bias_kernel(w_ptr, b_enc_ptr, b_dec_ptr, c_ptr, n, d, stride_wn, strid
 
 
 @triton.jit
-def _topk_partial_kernel(x_ptr, w_ptr, c_ptr, dead_ptr, part_ptr, aux_part_ptr,
-                         B, n, d, n_per_split,
-                         stride_xb, stride_xd, stride_wn, stride_wd,
+def _topk_partial_kernel(x_ptr, w_ptr, c_ptr, dead_ptr, part_ptr, aux_part_ptr, s_ptr,
+                         B, col_lo, col_hi, d, n_per_split,
+                         stride_xb, stride_xd, stride_wn, stride_wd, stride_sb,
                          KP: tl.constexpr, KP_AUX: tl.constexpr, HAS_AUX: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SMALL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (row block, split): the KP best keys of each row within the split -> part (B, S, KP)."""
+                         SMALL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                         FROM_SCORES: tl.constexpr, RESUME: tl.constexpr):
+    """Per (row block, split) of the latents [col_lo, col_hi): the KP best keys of each row within the
+    split -> part (B, S, KP). FROM_SCORES: the tiles are read from ``s`` (B, col_hi - col_lo) fp32
+    products x @ W.T (the GEMM ran elsewhere) instead of multiplied here. RESUME: the running lists
+    start from ``part`` (an earlier chunk of latents) instead of empty."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    lo = split * n_per_split
-    hi = tl.minimum(lo + n_per_split, n)
-    run = _pad_list(BLOCK_M, KP)
-    aux = _pad_list(BLOCK_M, KP_AUX)
+    lo = col_lo + split * n_per_split
+    hi = tl.minimum(lo + n_per_split, col_hi)
+    base = rows.to(tl.int64)[:, None] * n_splits + split
+    if RESUME:
+        run = tl.load(part_ptr + base * KP + tl.arange(0, KP)[None, :], mask=row_ok[:, None], other=_PAD_KEY)
+        if HAS_AUX:
+            aux = tl.load(aux_part_ptr + base * KP_AUX + tl.arange(0, KP_AUX)[None, :], mask=row_ok[:, None],
+                          other=_PAD_KEY)
+        else:
+            aux = _pad_list(BLOCK_M, KP_AUX)
+    else:
+        run = _pad_list(BLOCK_M, KP)
+        aux = _pad_list(BLOCK_M, KP_AUX)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
-                        stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
+        if FROM_SCORES:  # rows past B read row B - 1 (never stored): a column-only mask
+            s_row = s_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_sb
+            s = tl.load(s_row + (cols - col_lo)[None, :], mask=col_ok[None, :], other=0.0)
+            s += tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        else:
+            s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
+                            stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
         run = _merge_tile(run, s, cols, col_ok[None, :], KP, SMALL, not HAS_AUX)
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_ok, other=0) != 0
             aux = _merge_tile(aux, s, cols, (col_ok & dead)[None, :], KP_AUX, SMALL, False)
-    base = rows.to(tl.int64)[:, None] * n_splits + split
     tl.store(part_ptr + base * KP + tl.arange(0, KP)[None, :], run, mask=row_ok[:, None])
     if HAS_AUX:
         tl.store(aux_part_ptr + base * KP_AUX + tl.arange(0, KP_AUX)[None, :], aux, mask=row_ok[:, None])
@@ -245,6 +266,10 @@ def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, 
 
 
 # ============================================================================ configs
+# Top-k of 16-bit x: 0 = the GEMM runs in the kernel's tiles (fused); a chunk width = cuBLAS multiplies that
+# many latents at a time into one reused fp32 buffer (B x chunk) and the same kernel scans it (topk_scan).
+# Not yet timed on a GPU: benchmarks/encoder_ab.py compares them.
+SCAN_CHUNK = 0
 # fp32 master weights beside 16-bit x: False = the backend hands the tiles a 16-bit copy made for the call;
 # True = the tiles load fp32 and convert (no copy, twice the weight bytes through the GEMM's main loop).
 MASTER_IN_KERNEL = False
@@ -320,6 +345,19 @@ def encoder_config(B: int, d: int, n: int, kp: int, dtype: torch.dtype, dev: Dev
     return EncoderConfig(64, bn, bk, 8, 3, _splits(triton.cdiv(B, 64), triton.cdiv(n, bn), dev.sms, 8), kp)
 
 
+def scan_config(B: int, chunk: int, kp: int, dev: Device, aux: bool = False) -> EncoderConfig:
+    """topk_scan's kernel reads fp32 scores instead of multiplying: 32-row x 128-latent tiles on 8 warps;
+    beside an AuxK list 8 x 128 on 4 warps, the one shape tried without local loads/stores for k = 32 and 64,
+    sm_80 and sm_90, Triton 3.6 and 3.9 (LLVM lowers the merge's i1-vector counts through local memory in
+    shape-dependent ways). Splits give about two programs per SM. Interpreter: small tiles."""
+    if dev.cap == 0:
+        return EncoderConfig(16, max(32, kp), 16, 4, 1, 2, kp)
+    bm, warps = (8, 4) if aux else (32, 8)
+    bn = max(128, kp)
+    splits = max(1, min(triton.cdiv(chunk, 2 * bn), triton.cdiv(2 * dev.sms, triton.cdiv(B, bm))))
+    return EncoderConfig(bm, bn, 16, warps, 1, splits, kp)
+
+
 def precision(dtype: torch.dtype) -> str:
     """fp32 inputs: three tf32 products recover fp32 accuracy and keep the tensor cores."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
@@ -367,6 +405,8 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
     assert not k_aux or (dead_mask is not None and dead_mask.shape == (n,))
     _check_weights(x, W_enc)
     assert x.device == W_enc.device == c.device
+    if config is None and SCAN_CHUNK and x.dtype.itemsize == 2:
+        return topk_scan(x, W_enc, c, k, dead_mask, k_aux, out_dtype)
     out_dtype = out_dtype or x.dtype
     kp, kp_aux = _pow2(k), _pow2(max(k_aux, 1))
     dev = Device.of(x)
@@ -376,11 +416,59 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
     aux_part = torch.empty(B, S, kp_aux, dtype=torch.int64, device=x.device) if k_aux else part
     dead = dead_mask.to(torch.int8).contiguous() if k_aux else c
     _topk_partial_kernel[grid](
-        x, W_enc, c, dead, part, aux_part, B, n, d, per_split,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        x, W_enc, c, dead, part, aux_part, c, B, 0, n, d, per_split,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), 0,
         KP=kp, KP_AUX=kp_aux, HAS_AUX=bool(k_aux), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         BLOCK_K=cfg.BLOCK_K, SMALL=cfg.SMALL, DOT_FP32=dev.cap == 0 and x.dtype != torch.float32,
-        PRECISION=precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+        PRECISION=precision(x.dtype), FROM_SCORES=False, RESUME=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    return _finish(part, aux_part, k, k_aux, out_dtype)
+
+
+def _chunk_scores(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = x @ W.T in fp32: cuBLAS with fp32 output on CUDA; elsewhere (the interpreter) the same 16-bit
+    values multiplied in fp32."""
+    if x.device.type == "cuda":
+        return torch.mm(x, W.T, out_dtype=torch.float32, out=out)
+    return torch.mm(x.float(), W.float().T, out=out)
+
+
+def topk_scan(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, dead_mask: torch.Tensor | None = None,
+              k_aux: int = 0, out_dtype: torch.dtype | None = None, chunk: int | None = None,
+              config: EncoderConfig | None = None):
+    """topk_select for 16-bit x as GEMM + scan: cuBLAS writes ``chunk`` latents' fp32 scores at a time into
+    one reused (B, chunk) buffer, and _topk_partial_kernel merges them into running lists kept in the
+    (B, S, KP) partials across chunks. Memory: the buffer, whatever n is."""
+    B, d = x.shape
+    n = W_enc.shape[0]
+    assert x.dtype.itemsize == 2 and c.shape == (n,) and c.dtype == torch.float32 and 1 <= k <= min(n, MAX_K)
+    assert not k_aux or (dead_mask is not None and dead_mask.shape == (n,) and k_aux <= MAX_K_AUX)
+    _check_weights(x, W_enc)
+    out_dtype = out_dtype or x.dtype
+    chunk = max(1, min(n, chunk or SCAN_CHUNK or n))
+    kp, kp_aux = _pow2(k), _pow2(max(k_aux, 1))
+    cfg = config or scan_config(B, chunk, max(kp, kp_aux if k_aux else 1), Device.of(x), aux=bool(k_aux))
+    S = cfg.splits
+    part = torch.empty(B, S, kp, dtype=torch.int64, device=x.device)
+    aux_part = torch.empty(B, S, kp_aux, dtype=torch.int64, device=x.device) if k_aux else part
+    dead = dead_mask.to(torch.int8).contiguous() if k_aux else c
+    buf = torch.empty(B * chunk, dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        W = W_enc[c0:c1] if W_enc.dtype == x.dtype else W_enc[c0:c1].to(x.dtype)
+        s = _chunk_scores(x, W, buf[: B * (c1 - c0)].view(B, c1 - c0))
+        per_split = triton.cdiv(triton.cdiv(c1 - c0, cfg.BLOCK_N), S) * cfg.BLOCK_N
+        _topk_partial_kernel[(triton.cdiv(B, cfg.BLOCK_M), S)](
+            x, W_enc, c, dead, part, aux_part, s, B, c0, c1, d, per_split,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), s.stride(0),
+            KP=kp, KP_AUX=kp_aux, HAS_AUX=bool(k_aux), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K, SMALL=cfg.SMALL, DOT_FP32=False, PRECISION=precision(x.dtype),
+            FROM_SCORES=True, RESUME=c0 > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            enable_fp_fusion=True)
+    return _finish(part, aux_part, k, k_aux, out_dtype)
+
+
+def _finish(part, aux_part, k, k_aux, out_dtype):
     pre, idx = _merge(part, k, out_dtype)
     aux_pre = aux_idx = None
     if k_aux:

@@ -170,3 +170,20 @@ def test_autocast_training_step_gets_fp32_gradients_without_weight_copies():
                           (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)):
         # Relative to the whole gradient: the reference scores in bf16, so a near-tie may pick another latent.
         assert ((a - p.grad).norm() / p.grad.norm()).item() < 5e-2, name
+
+
+@pytest.mark.parametrize("chunk", [2048, 5000])
+def test_gemm_scan_selects_the_true_top_k(chunk):
+    """encoder.topk_scan (cuBLAS fp32-output chunks + the scan kernel), with AuxK, at W1's shape."""
+    from sae_fast.kernels import encoder as enc
+
+    B, d, n, k = 4096, 768, 32768, 32
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, torch.bfloat16, requires_grad=False, device=DEV)
+    dead = torch.arange(n, device=DEV) % 5 == 0
+    c = enc.fold_bias(W_enc, b_enc, b_dec)
+    pre, idx, aux_pre, aux_idx = enc.topk_scan(x, W_enc, c, k, dead, 16, torch.float32, chunk)
+    p = _truth(x, W_enc, b_enc, b_dec)
+    for got_idx, got_pre, scores, kk in ((idx, pre, p, k), (aux_idx, aux_pre, p.masked_fill(~dead, -1e30), 16)):
+        true_v = scores.topk(kk, dim=1).values
+        torch.testing.assert_close(scores.gather(1, got_idx.long()), true_v, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got_pre.double(), true_v, atol=1e-3, rtol=1e-4)

@@ -140,6 +140,59 @@ def test_ties_lower_index_wins_across_tiles_and_splits(cfg):
     assert idx.tolist() == [list(range(k))] * 5
 
 
+# ----------------------------------------------------------------------------- GEMM + scan (topk_scan)
+SCAN_CHUNKS = [7, 32, 50, 1000]  # narrower than a tile, one tile, not a multiple of tiles, all of n at once
+
+
+@pytest.mark.parametrize("chunk", SCAN_CHUNKS)
+@pytest.mark.parametrize("cfg", [None, enc.EncoderConfig(16, 32, 16, 4, 1, 3, 2)], ids=["default", "3-splits-mixed"])
+def test_scan_over_score_chunks_agrees_with_reference(chunk, cfg):
+    """topk_scan: chunks of fp32 scores from a GEMM, merged into running lists that persist across chunks."""
+    B, d, n, k, k_aux = 17, 20, 130, 8, 5
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, requires_grad=False, seed=3)
+    x = x.bfloat16()
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(4)) < 0.3
+    c = enc.fold_bias(W_enc, b_enc, b_dec)
+    W16 = W_enc.bfloat16()  # what the chunks multiply (a master W_enc is rounded per chunk)
+    pre, idx, aux_pre, aux_idx = enc.topk_scan(x, W_enc, c, k, dead, k_aux, torch.float32, chunk, cfg)
+    p = x.double() @ W16.double().T + c.double()
+    ref_idx = R.topk_indices(p, k)
+    ref_aux_idx = R.topk_indices(p.masked_fill(~dead, float("-inf")), k_aux)
+    assert torch.equal(idx.long(), ref_idx) and torch.equal(aux_idx.long(), ref_aux_idx)
+    _close(pre, p.gather(1, ref_idx), 1e-5, 1e-5, "pre")
+    _close(aux_pre, p.gather(1, ref_aux_idx), 1e-5, 1e-5, "aux pre")
+
+
+@pytest.mark.parametrize("chunk", SCAN_CHUNKS)
+def test_scan_ties_lower_index_wins_across_chunks(chunk):
+    n, k = 150, 8
+    x = torch.randn(5, 16).abs().bfloat16()
+    W_enc = torch.ones(n, 16, dtype=torch.bfloat16)
+    W_enc[100:] *= 0.5
+    _, idx, _, _ = enc.topk_scan(x, W_enc, torch.zeros(n), k, chunk=chunk)
+    assert idx.tolist() == [list(range(k))] * 5
+
+
+@pytest.mark.parametrize("k", [1, 33])
+def test_scan_is_what_topk_select_runs_when_chunked(monkeypatch, k):
+    """With SCAN_CHUNK set, ops on 16-bit x go through topk_scan: the whole TopK SAE against reference.py."""
+    monkeypatch.setattr(enc, "SCAN_CHUNK", 16)
+    calls = []
+    original = enc.topk_scan
+    monkeypatch.setattr(enc, "topk_scan", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    tensors = make_sae_tensors(9, 11, 40, torch.bfloat16, seed=5)
+    dead = torch.arange(40) % 4 == 0
+    fn = lambda *t: ops.topk_sae(*t, k, dead, 3)  # noqa: E731
+    with sae_fast.use_backend("triton"):
+        out = fn(*tensors)
+    assert calls
+    ref, t64 = _ref_grads(fn, tensors)
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.aux_indices, ref.aux_indices)
+    _close(out.x_hat, ref.x_hat, 3e-1, 3e-2, "x_hat")
+    loss = lambda v, i, xh, av, ai: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + av.float().sum()  # noqa: E731
+    _grads_match(loss, out, ref, tensors, t64, 3e-2, 3e-2)
+
+
 def test_k_above_fused_limit_falls_back_to_torch():
     n, k = 300, enc.MAX_K + 1
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(3, 4, n, requires_grad=False)
@@ -287,3 +340,29 @@ def test_topk_fuzzed_shapes(B, d, n, data):
     torch.testing.assert_close(out.x_hat, ref.x_hat, atol=1e-4, rtol=1e-4)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-3 * (b.abs().max().item() + 1), rtol=1e-3)
+
+
+def test_encoder_ab_script_runs_on_the_interpreter(tmp_path, monkeypatch):
+    """benchmarks/encoder_ab.py is for GPU time, which is scarce: it must not fail there on a typo."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "encoder_ab.py"
+    spec = importlib.util.spec_from_file_location("encoder_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    monkeypatch.setattr(ab, "DEVICE", "cpu")
+    monkeypatch.setattr(ab, "WORKLOADS", {"w1": (12, 8, 64, 4)})
+    monkeypatch.setattr(ab, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(sys, "argv", ["encoder_ab.py", "--chunks", "16", "40", "--out", str(tmp_path)])
+    ab.main()
+    (out,) = tmp_path.glob("cpu-*-master-scan-ab.json")
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    for label in ("GEMM + scan, chunk 16", "GEMM + scan, chunk 40",
+                  "fused, fp32 W_enc rounded in the tiles (MASTER_IN_KERNEL)"):
+        assert rows[label]["ms"] == 1.0 and rows[label]["same_latents"] == 1.0, rows[label]
+    sae = [r for r in rows.values() if r["row"].startswith("SAE")]
+    assert len(sae) == 3 and all(r["ms"] == 1.0 for r in sae), sae
+    assert "GEMM + scan, chunk 16" in out.with_suffix(".txt").read_text()

@@ -47,7 +47,7 @@ def test_launches_compile_without_spills_and_use_tensor_cores(rows, workload, ca
 
 def test_gemm_kernels_report_their_tensor_core_instructions(rows):
     for r in rows:
-        if r["kernel"] in resources.GEMM_KERNELS:
+        if resources.is_gemm(r):
             assert (r["hgmma"] if r["cap"] >= 90 else r["hmma"]) > 0, r
 
 
@@ -71,4 +71,4 @@ def test_the_check_catches_a_spilling_config(tmp_path):
     proc = _run(["-c", _SPILLING], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert row["stack"] > 0 and any("spills" in p for p in resources.check(row)), row
+    assert row["ldl_stl"] > 0 and any("spills" in p for p in resources.check(row)), row
