@@ -144,3 +144,16 @@ def test_micro_benchmarks_run_once_with_benchmark_disable():
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable",
                            "-p", "no:cacheprovider"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_master_weights_script_times_both_paths(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "master_weights.py"
+    spec = importlib.util.spec_from_file_location("master_weights", path)
+    mw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mw)
+    med = mw.main(["--device", "cpu", "--quick", "--repeats", "2", "--out", str(tmp_path)])
+    assert len(med) == 2 and all(ms > 0 for ms in med.values())
+    (out,) = tmp_path.glob("cpu-*-master-weights-cpu-quick.txt")
+    assert "ratio: the copies take" in out.read_text() and "ratio" in capsys.readouterr().out
