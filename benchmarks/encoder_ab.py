@@ -1,6 +1,6 @@
 """A/B of the encoder and mixed-precision choices that were built without a GPU (run this first on one).
 
-    python benchmarks/encoder_ab.py [--workloads w1 w2 w3] [--chunks 2048 4096 8192 16384] [--out DIR]
+    python benchmarks/encoder_ab.py [--workloads w1 w2 w3 w4] [--chunks 2048 4096 8192 16384] [--out DIR]
 
 Per DESIGN.md workload, bf16, medians of triton.testing.do_bench, one process:
   encoder alone   cuBLAS GEMM (bf16 out, and fp32 out: what topk_scan's chunks write); the fused top-k
@@ -8,6 +8,7 @@ Per DESIGN.md workload, bf16, medians of triton.testing.do_bench, one process:
                   (the default master-weight path) and with MASTER_IN_KERNEL (fp32 tiles rounded in
                   registers); topk_scan (cuBLAS chunks + the scan kernel) per chunk width. Each row also
                   says whether it chose the fused kernel's latents (the share of rows that agree).
+  w4 threshold    the ReLU encoder at a cutoff keeping ~64 entries per row: fused vs GEMM + scan per chunk.
   SAE fwd+bwd     SparseAutoencoder under bf16 autocast: master weights (default), the old autocast copies
                   of every weight (a subclass that casts), and with the best scan chunk; peak memory too.
 Writes <device>-master-scan-ab.{txt,json} to --out. Decide from it: encoder.SCAN_CHUNK (0 = fused),
@@ -28,7 +29,8 @@ from sae_fast import SparseAutoencoder
 from sae_fast.bench import device_slug
 from sae_fast.kernels import encoder as enc
 
-WORKLOADS = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64)}
+WORKLOADS = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64),
+             "w4": (4096, 768, 32768, 64)}  # w4: ReLU at a mean L0 of 64, the threshold encoder
 DEVICE = "cuda"  # tests/test_examples.py dry-runs the script on CPU tensors under TRITON_INTERPRET=1
 
 
@@ -80,6 +82,34 @@ def encoder_rows(name, B, d, n, k, chunks):
     return rows
 
 
+def threshold_rows(name, B, d, n, l0, chunks):
+    """The threshold (ReLU) encoder, fused vs GEMM + scan, at a cutoff that keeps about l0 entries per row."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(B, d, device=DEVICE, generator=g).bfloat16()
+    W16 = (torch.randn(n, d, device=DEVICE, generator=g) / d ** 0.5).bfloat16()
+    c = torch.randn(n, device=DEVICE, generator=g) * 0.1
+    scores = (x.float() @ W16.float().T + c).flatten()
+    cut = torch.full((n,), float(scores.kthvalue(scores.numel() - l0 * B).values), device=DEVICE)
+    del scores
+    _, ref_idx, need = enc.threshold_select(x, W16, c, cut, 16)
+    rows = []
+
+    def row(label, fn):
+        try:
+            same = torch.equal(fn()[1], ref_idx)
+        except Exception as e:  # noqa: BLE001
+            same = type(e).__name__
+        rows.append(dict(workload=name, row=label, ms=_ms(fn), same_latents=same))
+
+    rows.append(dict(workload=name, row="cuBLAS GEMM bf16 out (floor)", ms=_ms(lambda: x @ W16.T)))
+    row("threshold fused (capacity from a first run)", lambda: enc.threshold_select(x, W16, c, cut, need + need // 4))
+    for chunk in chunks:
+        _, _, need_scan = enc.threshold_select(x, W16, c, cut, 16, chunk=chunk)
+        row(f"threshold GEMM + scan, chunk {chunk}",
+            lambda: enc.threshold_select(x, W16, c, cut, need_scan + need_scan // 4, chunk=chunk))
+    return rows
+
+
 def sae_rows(name, B, d, n, k, best_chunk):
     x = torch.randn(B, d, device=DEVICE)
     rows = []
@@ -125,6 +155,10 @@ def main():
     start, rows = time.time(), []
     for name in args.workloads:
         B, d, n, k = WORKLOADS[name]
+        if name == "w4":
+            rows += threshold_rows(name, B, d, n, k, args.chunks)
+            print(f"{name}: done at {time.time() - start:.0f} s", flush=True)
+            continue
         enc_rows = encoder_rows(name, B, d, n, k, args.chunks)
         rows += enc_rows
         scans = [r for r in enc_rows if r["row"].startswith("GEMM + scan") and isinstance(r["ms"], float)]
@@ -138,8 +172,8 @@ def main():
         ms = f"{r['ms']:9.3f}" if isinstance(r["ms"], float) else r["ms"]
         extra = ""
         if r.get("same_latents") is not None:
-            extra = f"  same latents: {r['same_latents']:.4f}" if isinstance(r["same_latents"], float) else \
-                f"  same latents: {r['same_latents']}"
+            same = r["same_latents"]
+            extra = f"  same latents: {same:.4f}" if isinstance(same, float) else f"  same latents: {same}"
         if r.get("peak_mib_beyond_start") is not None:
             extra = f"  peak +{r['peak_mib_beyond_start']} MiB (gradients included)"
         lines.append(f"{r['workload']}  {ms}  {r['row']}{extra}")

@@ -18,7 +18,8 @@ persist in the (B, S, KP) partials from chunk to chunk (RESUME); the merge kerne
 
 Threshold: the same tiles append every entry with p > cutoff[latent] to per-(row, split) lists with a
 capacity; counts keep counting past it, so an overflow is detected and rerun with the exact capacity.
-A compaction kernel then packs the splits' lists into (B, K) rows in ascending latent order.
+A compaction kernel then packs the splits' lists into (B, K) rows in ascending latent order. With
+SCAN_CHUNK, also as GEMM + scan: one list per row, appended chunk by chunk.
 """
 from __future__ import annotations
 
@@ -214,27 +215,37 @@ def _topk_merge_kernel(part_ptr, pre_ptr, idx_ptr, B, S, k, stride_ob,
 
 
 @triton.jit
-def _threshold_partial_kernel(x_ptr, w_ptr, c_ptr, cut_ptr, pre_ptr, idx_ptr, count_ptr,
-                              B, n, d, n_per_split, cap,
-                              stride_xb, stride_xd, stride_wn, stride_wd,
+def _threshold_partial_kernel(x_ptr, w_ptr, c_ptr, cut_ptr, pre_ptr, idx_ptr, count_ptr, s_ptr,
+                              B, col_lo, col_hi, d, n_per_split, cap,
+                              stride_xb, stride_xd, stride_wn, stride_wd, stride_sb,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (row block, split): entries with p > cutoff, ascending latent, into (B, S, cap) lists;
-    count (B, S) is the true number (it may exceed cap: the launcher then reruns)."""
+                              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                              FROM_SCORES: tl.constexpr, RESUME: tl.constexpr):
+    """Per (row block, split) of the latents [col_lo, col_hi): entries with p > cutoff, ascending latent,
+    into (B, S, cap) lists; count (B, S) is the true number (it may exceed cap: the launcher then reruns).
+    FROM_SCORES and RESUME as in _topk_partial_kernel (RESUME appends to the lists of earlier chunks)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    lo = split * n_per_split
-    hi = tl.minimum(lo + n_per_split, n)
+    lo = col_lo + split * n_per_split
+    hi = tl.minimum(lo + n_per_split, col_hi)
     base = rows.to(tl.int64) * n_splits + split
-    count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if RESUME:
+        count = tl.load(count_ptr + base, mask=row_ok, other=0)
+    else:
+        count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
-                        stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
+        if FROM_SCORES:  # rows past B read row B - 1 (never stored): a column-only mask
+            s_row = s_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_sb
+            s = tl.load(s_row + (cols - col_lo)[None, :], mask=col_ok[None, :], other=0.0)
+            s += tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        else:
+            s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
+                            stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
         cut = tl.load(cut_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         hit = (s > cut[None, :]) & col_ok[None, :] & row_ok[:, None]
         if tl.max(tl.max(hit.to(tl.int32), 1), 0) > 0:
@@ -266,8 +277,9 @@ def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, 
 
 
 # ============================================================================ configs
-# Top-k of 16-bit x: 0 = the GEMM runs in the kernel's tiles (fused); a chunk width = cuBLAS multiplies that
-# many latents at a time into one reused fp32 buffer (B x chunk) and the same kernel scans it (topk_scan).
+# Encoders of 16-bit x: 0 = the GEMM runs in the kernel's tiles (fused); a chunk width = cuBLAS multiplies that
+# many latents at a time into one reused fp32 buffer (B x chunk) and the same kernels scan it (topk_scan,
+# threshold_partial).
 # Not yet timed on a GPU: benchmarks/encoder_ab.py compares them.
 SCAN_CHUNK = 0
 # fp32 master weights beside 16-bit x: False = the backend hands the tiles a 16-bit copy made for the call;
@@ -356,6 +368,14 @@ def scan_config(B: int, chunk: int, kp: int, dev: Device, aux: bool = False) -> 
     bn = max(128, kp)
     splits = max(1, min(triton.cdiv(chunk, 2 * bn), triton.cdiv(2 * dev.sms, triton.cdiv(B, bm))))
     return EncoderConfig(bm, bn, 16, warps, 1, splits, kp)
+
+
+def scan_threshold_config(B: int, chunk: int, dev: Device) -> EncoderConfig:
+    """threshold_partial's scan of fp32 scores: one split, so each row's list grows in ascending latent
+    order chunk after chunk (splits would interleave chunks); 16 x 128 tiles on 4 warps (B / 16 programs)."""
+    if dev.cap == 0:
+        return EncoderConfig(16, 32, 16, 4, 1, 1, 1)
+    return EncoderConfig(16, 128, 16, 4, 1, 1, 1)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -488,26 +508,51 @@ def _merge(part: torch.Tensor, k: int, out_dtype: torch.dtype):
 
 
 def threshold_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int,
-                      config: EncoderConfig | None = None):
+                      config: EncoderConfig | None = None, chunk: int | None = None):
     """First pass of threshold_select: per (row, split) lists (pre (B, S, cap), idx (B, S, cap)) and the
-    true counts (B, S) int32, which exceed ``capacity`` where a list overflowed."""
+    true counts (B, S) int32, which exceed ``capacity`` where a list overflowed. With ``chunk`` (default
+    SCAN_CHUNK for 16-bit x) as GEMM + scan: cuBLAS scores ``chunk`` latents at a time, the lists grow
+    chunk by chunk."""
     B, d = x.shape
     n = W_enc.shape[0]
     assert W_enc.shape == (n, d) and c.shape == (n,) and cutoff.shape == (n,) and capacity >= 1
     _check_weights(x, W_enc)
     assert x.device == W_enc.device == c.device == cutoff.device
+    chunk = chunk if chunk is not None else (SCAN_CHUNK if config is None and x.dtype.itemsize == 2 else 0)
+    scan = bool(chunk)
+    assert not scan or x.dtype.itemsize == 2, "GEMM + scan multiplies 16-bit x on cuBLAS"
+    chunk = min(n, chunk) if scan else 0
     dev = Device.of(x)
-    cfg = config or encoder_config(B, d, n, 1, x.dtype, dev, threshold=True)
-    grid, per_split, S = _grid_args(x, W_enc, cfg)
+    cfg = config or (scan_threshold_config(B, chunk, dev) if scan else
+                     encoder_config(B, d, n, 1, x.dtype, dev, threshold=True))
+    if scan:  # one list per row, appended chunk by chunk: ascending latent order
+        assert cfg.splits == 1, "GEMM + scan keeps one list per row (splits would interleave the chunks)"
+        S = 1
+        grid = (triton.cdiv(B, cfg.BLOCK_M), 1)
+    else:
+        grid, per_split, S = _grid_args(x, W_enc, cfg)
     part_pre = torch.empty(B, S, capacity, dtype=x.dtype, device=x.device)
     part_idx = torch.empty(B, S, capacity, dtype=torch.int32, device=x.device)
     count = torch.empty(B, S, dtype=torch.int32, device=x.device)
-    _threshold_partial_kernel[grid](
-        x, W_enc, c, cutoff.contiguous(), part_pre, part_idx, count, B, n, d, per_split, capacity,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dev.cap == 0 and x.dtype != torch.float32, PRECISION=precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    cutoff = cutoff.contiguous()
+    common = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, PRECISION=precision(x.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    if not scan:
+        _threshold_partial_kernel[grid](
+            x, W_enc, c, cutoff, part_pre, part_idx, count, c, B, 0, n, d, per_split, capacity,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), 0,
+            DOT_FP32=dev.cap == 0 and x.dtype != torch.float32, FROM_SCORES=False, RESUME=False, **common)
+        return part_pre, part_idx, count
+    buf = torch.empty(B * chunk, dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, chunk):  # GEMM + scan, as topk_scan
+        c1 = min(n, c0 + chunk)
+        W = W_enc[c0:c1] if W_enc.dtype == x.dtype else W_enc[c0:c1].to(x.dtype)
+        s = _chunk_scores(x, W, buf[: B * (c1 - c0)].view(B, c1 - c0))
+        per_split = triton.cdiv(triton.cdiv(c1 - c0, cfg.BLOCK_N), S) * cfg.BLOCK_N
+        _threshold_partial_kernel[grid](
+            x, W_enc, c, cutoff, part_pre, part_idx, count, s, B, c0, c1, d, per_split, capacity,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), s.stride(0),
+            DOT_FP32=False, FROM_SCORES=True, RESUME=c0 > 0, **common)
     return part_pre, part_idx, count
 
 
@@ -524,14 +569,14 @@ def threshold_compact(part_pre: torch.Tensor, part_idx: torch.Tensor, count: tor
 
 
 def threshold_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int = 64,
-                     config: EncoderConfig | None = None):
+                     config: EncoderConfig | None = None, chunk: int | None = None):
     """Every entry with p > cutoff[latent]: (pre (B, K) in x's dtype, padded with -inf; idx (B, K) int32,
     padded with 0; per-split capacity needed). Entries are in ascending latent order per row. A first
     pass with ``capacity`` slots per (row, split) that overflows is rerun with the exact capacity."""
-    part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, capacity, config)
+    part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, capacity, config, chunk)
     need = int(count.max())
     if need > capacity:  # the counts are exact, so one rerun always fits
-        part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, need, config)
+        part_pre, part_idx, count = threshold_partial(x, W_enc, c, cutoff, need, config, chunk)
     K = max(int(count.sum(1).max()), 1)
     pre, idx = threshold_compact(part_pre, part_idx, count, K)
     return pre, idx, need

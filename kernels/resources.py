@@ -135,11 +135,15 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
                 if not text:
                     encoder.threshold_compact(*parts, K)
             notes.update(dict.fromkeys(range(start, len(sink)), text))
-        if w["act"] == "topk" and dt != f32:  # the GEMM + scan alternative (encoder.SCAN_CHUNK)
-            for aux in (False, True):
+        if dt != f32:  # the GEMM + scan alternative (encoder.SCAN_CHUNK)
+            for aux in (False, True) if w["act"] == "topk" else (None,):
                 start = len(sink)
-                dead = torch.empty(n, dtype=torch.bool, **meta) if aux else None
-                encoder.topk_scan(x, W_gemm, c, k, dead, AUX_K if aux else 0, f32, SCAN_CHUNK)
+                if aux is None:
+                    encoder.threshold_partial(x, W_gemm, c, torch.empty(n, dtype=f32, **meta), W4_MAX_ROW,
+                                              chunk=SCAN_CHUNK)
+                else:
+                    dead = torch.empty(n, dtype=torch.bool, **meta) if aux else None
+                    encoder.topk_scan(x, W_gemm, c, k, dead, AUX_K if aux else 0, f32, SCAN_CHUNK)
                 # One scan launch per chunk, alike but for RESUME: keep the first of each kind.
                 seen, keep = set(), []
                 for launch in sink[start:]:
@@ -290,7 +294,7 @@ def markdown(rows: list[dict], command: str) -> str:
             f"launcher picks for the target's SM count. bf16 is autocast over fp32 master weights. W4: ReLU, code "
             f"padded to {W4_MAX_ROW}; the bf16 top-k encoder also appears with a fused AuxK list of {AUX_K}, and "
             f"every bf16 encoder launch once more with the fp32 W_enc read by the tiles (MASTER_IN_KERNEL); the "
-            f"bf16 top-k also as GEMM + scan (topk_scan, chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed).\n\n" + head + body)
+            f"bf16 encoders also as GEMM + scan (chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed).\n\n" + head + body)
 
 
 def _triton_version() -> str:

@@ -193,6 +193,45 @@ def test_scan_is_what_topk_select_runs_when_chunked(monkeypatch, k):
     _grads_match(loss, out, ref, tensors, t64, 3e-2, 3e-2)
 
 
+@pytest.mark.parametrize("chunk", SCAN_CHUNKS)
+def test_threshold_scan_lists_every_entry_in_latent_order(chunk):
+    """threshold_select as GEMM + scan: each row's list grows chunk by chunk in ascending latent order; a
+    first capacity too small is rerun exactly."""
+    B, d, n = 13, 20, 130
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, requires_grad=False, seed=6)
+    x = x.bfloat16()
+    c = enc.fold_bias(W_enc, b_enc - 0.3, b_dec)
+    cut = torch.full((n,), 0.1)
+    pre, idx, need = enc.threshold_select(x, W_enc, c, cut, capacity=2, chunk=chunk)
+    p = x.double() @ W_enc.bfloat16().double().T + c.double()
+    hit = p > 0.1
+    assert need == int(hit.sum(1).max()) > 2  # the first pass overflowed and was rerun
+    for b in range(B):
+        want = hit[b].nonzero().squeeze(1)
+        got = idx[b, : len(want)].long()
+        assert torch.equal(got, want) and torch.isinf(pre[b, len(want):]).all()
+        _close(pre[b, : len(want)], p[b, want], 1e-2, 1e-2, f"row {b}")
+
+
+@pytest.mark.parametrize("act", ["relu", "threshold", "jumprelu"])
+def test_threshold_scan_is_what_ops_run_when_chunked(monkeypatch, act):
+    monkeypatch.setattr(enc, "SCAN_CHUNK", 16)
+    calls = []
+    original = enc._chunk_scores
+    monkeypatch.setattr(enc, "_chunk_scores", lambda *a: calls.append(1) or original(*a))
+    tensors = make_sae_tensors(9, 11, 40, torch.bfloat16, seed=5)
+    with sae_fast.use_backend("triton"):
+        out = encode_decode(act, 3, *tensors, torch.full((40,), 0.2))
+    with sae_fast.use_backend("reference"):
+        ref = encode_decode(act, 3, *[t.detach().double() for t in tensors], torch.full((40,), 0.2).double())
+    assert calls
+    p = R.pre_activations(*[t.detach().double() for t in (tensors[0], tensors[1], tensors[2], tensors[4])])
+    cut = {"relu": 0.0, "threshold": 0.1, "jumprelu": 0.2}[act]
+    far = (p - cut).abs() > 2e-2
+    dense, dense_ref = R.sparse_to_dense(out[0], out[1], 40), R.sparse_to_dense(ref[0], ref[1], 40)
+    _close(dense * far, dense_ref * far, 3e-2, 3e-2, "values")
+
+
 def test_k_above_fused_limit_falls_back_to_torch():
     n, k = 300, enc.MAX_K + 1
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(3, 4, n, requires_grad=False)
@@ -354,12 +393,15 @@ def test_encoder_ab_script_runs_on_the_interpreter(tmp_path, monkeypatch):
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
     monkeypatch.setattr(ab, "DEVICE", "cpu")
-    monkeypatch.setattr(ab, "WORKLOADS", {"w1": (12, 8, 64, 4)})
+    monkeypatch.setattr(ab, "WORKLOADS", {"w1": (12, 8, 64, 4), "w4": (12, 8, 64, 4)})
     monkeypatch.setattr(ab, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
-    monkeypatch.setattr(sys, "argv", ["encoder_ab.py", "--chunks", "16", "40", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["encoder_ab.py", "--workloads", "w1", "w4", "--chunks", "16", "40",
+                                      "--out", str(tmp_path)])
     ab.main()
     (out,) = tmp_path.glob("cpu-*-master-scan-ab.json")
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"] if r["workload"] == "w1"}
+    w4 = {r["row"]: r for r in json.loads(out.read_text())["rows"] if r["workload"] == "w4"}
+    assert w4["threshold GEMM + scan, chunk 40"]["same_latents"] is True, w4
     for label in ("GEMM + scan, chunk 16", "GEMM + scan, chunk 40",
                   "fused, fp32 W_enc rounded in the tiles (MASTER_IN_KERNEL)"):
         assert rows[label]["ms"] == 1.0 and rows[label]["same_latents"] == 1.0, rows[label]
