@@ -80,6 +80,22 @@ def _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, s
 
 
 @triton.jit
+def _tile(x_ptr, w_ptr, c_ptr, s_ptr, rows, cols, row_ok, col_ok, B, col_lo, d,
+          stride_xb, stride_xd, stride_wn, stride_wd, stride_sb,
+          BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FROM_SCORES: tl.constexpr):
+    """The partial kernels' fp32 scores x @ W.T + c: multiplied here, or (FROM_SCORES) read from a (B, chunk)
+    buffer of cuBLAS products whose column 0 is latent col_lo."""
+    if FROM_SCORES:  # rows past B read row B - 1 (never stored): a column-only mask
+        s_row = s_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_sb
+        s = tl.load(s_row + (cols - col_lo)[None, :], mask=col_ok[None, :], other=0.0)
+        s += tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
+                        stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
+    return s
+
+
+@triton.jit
 def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr, PACKED: tl.constexpr):
     """Merge the tile's scores ``s`` (entries where ``ok``) into the running keys ``run`` (BLOCK_M, KP).
     With SMALL < KP, a tile where some row has more than SMALL winners goes through tl.topk."""
@@ -179,13 +195,8 @@ def _topk_partial_kernel(x_ptr, w_ptr, c_ptr, dead_ptr, part_ptr, aux_part_ptr, 
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        if FROM_SCORES:  # rows past B read row B - 1 (never stored): a column-only mask
-            s_row = s_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_sb
-            s = tl.load(s_row + (cols - col_lo)[None, :], mask=col_ok[None, :], other=0.0)
-            s += tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        else:
-            s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
-                            stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
+        s = _tile(x_ptr, w_ptr, c_ptr, s_ptr, rows, cols, row_ok, col_ok, B, col_lo, d, stride_xb, stride_xd,
+                  stride_wn, stride_wd, stride_sb, BLOCK_K, DOT_FP32, PRECISION, FROM_SCORES)
         run = _merge_tile(run, s, cols, col_ok[None, :], KP, SMALL, not HAS_AUX)
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_ok, other=0) != 0
@@ -239,13 +250,8 @@ def _threshold_partial_kernel(x_ptr, w_ptr, c_ptr, cut_ptr, pre_ptr, idx_ptr, co
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        if FROM_SCORES:  # rows past B read row B - 1 (never stored): a column-only mask
-            s_row = s_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_sb
-            s = tl.load(s_row + (cols - col_lo)[None, :], mask=col_ok[None, :], other=0.0)
-            s += tl.load(c_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        else:
-            s = _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, stride_xd,
-                            stride_wn, stride_wd, BLOCK_K, DOT_FP32, PRECISION)
+        s = _tile(x_ptr, w_ptr, c_ptr, s_ptr, rows, cols, row_ok, col_ok, B, col_lo, d, stride_xb, stride_xd,
+                  stride_wn, stride_wd, stride_sb, BLOCK_K, DOT_FP32, PRECISION, FROM_SCORES)
         cut = tl.load(cut_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         hit = (s > cut[None, :]) & col_ok[None, :] & row_ok[:, None]
         if tl.max(tl.max(hit.to(tl.int32), 1), 0) > 0:
@@ -445,12 +451,23 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, d
     return _finish(part, aux_part, k, k_aux, out_dtype)
 
 
-def _chunk_scores(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _mm_fp32(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = x @ W.T in fp32: cuBLAS with fp32 output on CUDA; elsewhere (the interpreter) the same 16-bit
     values multiplied in fp32."""
     if x.device.type == "cuda":
         return torch.mm(x, W.T, out_dtype=torch.float32, out=out)
     return torch.mm(x.float(), W.float().T, out=out)
+
+
+def _score_chunks(x: torch.Tensor, W_enc: torch.Tensor, chunk: int):
+    """(c0, c1, x @ W_enc[c0:c1].T in fp32) for consecutive chunks of latents, all in one reused buffer (each
+    is consumed before the next is written: same stream). fp32 master weights are rounded per chunk."""
+    B, n = x.shape[0], W_enc.shape[0]
+    buf = torch.empty(B * chunk, dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        W = W_enc[c0:c1] if W_enc.dtype == x.dtype else W_enc[c0:c1].to(x.dtype)
+        yield c0, c1, _mm_fp32(x, W, buf[: B * (c1 - c0)].view(B, c1 - c0))
 
 
 def topk_scan(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, dead_mask: torch.Tensor | None = None,
@@ -472,11 +489,7 @@ def topk_scan(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, k: int, dea
     part = torch.empty(B, S, kp, dtype=torch.int64, device=x.device)
     aux_part = torch.empty(B, S, kp_aux, dtype=torch.int64, device=x.device) if k_aux else part
     dead = dead_mask.to(torch.int8).contiguous() if k_aux else c
-    buf = torch.empty(B * chunk, dtype=torch.float32, device=x.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        W = W_enc[c0:c1] if W_enc.dtype == x.dtype else W_enc[c0:c1].to(x.dtype)
-        s = _chunk_scores(x, W, buf[: B * (c1 - c0)].view(B, c1 - c0))
+    for c0, c1, s in _score_chunks(x, W_enc, chunk):
         per_split = triton.cdiv(triton.cdiv(c1 - c0, cfg.BLOCK_N), S) * cfg.BLOCK_N
         _topk_partial_kernel[(triton.cdiv(B, cfg.BLOCK_M), S)](
             x, W_enc, c, dead, part, aux_part, s, B, c0, c1, d, per_split,
@@ -543,12 +556,8 @@ def threshold_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cut
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), 0,
             DOT_FP32=dev.cap == 0 and x.dtype != torch.float32, FROM_SCORES=False, RESUME=False, **common)
         return part_pre, part_idx, count
-    buf = torch.empty(B * chunk, dtype=torch.float32, device=x.device)
-    for c0 in range(0, n, chunk):  # GEMM + scan, as topk_scan
-        c1 = min(n, c0 + chunk)
-        W = W_enc[c0:c1] if W_enc.dtype == x.dtype else W_enc[c0:c1].to(x.dtype)
-        s = _chunk_scores(x, W, buf[: B * (c1 - c0)].view(B, c1 - c0))
-        per_split = triton.cdiv(triton.cdiv(c1 - c0, cfg.BLOCK_N), S) * cfg.BLOCK_N
+    for c0, c1, s in _score_chunks(x, W_enc, chunk):  # GEMM + scan, as topk_scan
+        per_split = triton.cdiv(c1 - c0, cfg.BLOCK_N) * cfg.BLOCK_N
         _threshold_partial_kernel[grid](
             x, W_enc, c, cutoff, part_pre, part_idx, count, s, B, c0, c1, d, per_split, capacity,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), s.stride(0),

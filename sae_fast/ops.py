@@ -250,13 +250,14 @@ class _Select(torch.autograd.Function):
         else:
             pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, arg)
         ctx.backend = backend
-        ctx.save_for_backward(x, W_enc, b_enc, b_dec, pre, idx)
+        ctx.dtypes = [t.dtype for t in (x, W_enc, b_enc, b_dec)]
+        ctx.save_for_backward(x, W_enc, b_dec, pre, idx)
         ctx.mark_non_differentiable(idx)
         return pre, idx
 
     @staticmethod
     def backward(ctx, d_pre, _):
-        x, W_enc, b_enc, b_dec, pre, idx = ctx.saved_tensors
+        x, W_enc, b_dec, pre, idx = ctx.saved_tensors
         need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
         dp = torch.where(torch.isfinite(pre), d_pre, 0.0)  # padding entries (-inf) carry no gradient
         dW_enc = db_enc = dx = db_dec = None
@@ -268,7 +269,7 @@ class _Select(torch.autograd.Function):
             dx = ctx.backend.sparse_decode(dp, idx, W_enc)
         if need_b_dec:
             db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx)
-        grads = _like((dx, dW_enc, db_enc, db_dec), (t.dtype for t in (x, W_enc, b_enc, b_dec)))
+        grads = _like((dx, dW_enc, db_enc, db_dec), ctx.dtypes)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
 
 
@@ -311,13 +312,13 @@ class _TopKSAE(torch.autograd.Function):
             aux_pre = aux_idx = torch.empty(x.shape[0], 0, dtype=x.dtype, device=x.device)
             aux_idx = aux_idx.to(reference.INDEX_DTYPE)
         aux_values = torch.relu(aux_pre)
-        ctx.save_for_backward(x, W_enc, b_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
+        ctx.save_for_backward(x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return values, idx, x_hat, aux_values, aux_idx
 
     @staticmethod
     def backward(ctx, d_values, _, g, d_aux_values, __):
-        x, W_enc, b_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
+        x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
         backend = ctx.backend
         g = torch.zeros_like(x) if g is None else g.contiguous()
         dv = backend.gather_dot(g, idx, W_dec)

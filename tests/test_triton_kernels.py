@@ -217,8 +217,8 @@ def test_threshold_scan_lists_every_entry_in_latent_order(chunk):
 def test_threshold_scan_is_what_ops_run_when_chunked(monkeypatch, act):
     monkeypatch.setattr(enc, "SCAN_CHUNK", 16)
     calls = []
-    original = enc._chunk_scores
-    monkeypatch.setattr(enc, "_chunk_scores", lambda *a: calls.append(1) or original(*a))
+    original = enc._mm_fp32
+    monkeypatch.setattr(enc, "_mm_fp32", lambda *a: calls.append(1) or original(*a))
     tensors = make_sae_tensors(9, 11, 40, torch.bfloat16, seed=5)
     with sae_fast.use_backend("triton"):
         out = encode_decode(act, 3, *tensors, torch.full((40,), 0.2))
