@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import library, reference
 from .backends.base import SparseBackend
@@ -235,7 +236,8 @@ def _gathered(W: Tensor, dtype: torch.dtype, rows: int, gathers: int) -> Tensor:
     if not is_master(W.dtype, dtype):
         return W
     wide, narrow = W.element_size(), torch.empty((), dtype=dtype).element_size()
-    return W.to(dtype) if rows * gathers * (wide - narrow) > W.shape[0] * (wide + narrow) else W
+    # Under torch.compile a code's width may be data-dependent (threshold lists): undecided means no copy.
+    return W.to(dtype) if guard_or_false(rows * gathers * (wide - narrow) > W.shape[0] * (wide + narrow)) else W
 
 
 class _Select(torch.autograd.Function):
