@@ -17,10 +17,14 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import library, reference
 from .backends.base import SparseBackend
+
+try:  # torch >= 2.8; before it, compiled code with data-dependent code widths is not traced anyway
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:
+    guard_or_false = bool
 
 
 # ============================================================================ registry and dispatch
