@@ -21,7 +21,8 @@ from torch import Tensor
 from . import library, reference
 from .backends.base import SparseBackend
 
-try:  # torch >= 2.8; before it, compiled code with data-dependent code widths is not traced anyway
+try:  # newer torch; with older ones eager code decides as before, and compiling ops._gathered on a
+    # data-dependent code width may fail to guard
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 except ImportError:
     guard_or_false = bool
