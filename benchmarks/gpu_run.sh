@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh [OUT]          # OUT defaults to benchmarks/results
 #   QUICK=1 bash benchmarks/gpu_run.sh /tmp/x  # a minutes-long smoke run of the same steps
 #   TUNE=1 bash benchmarks/gpu_run.sh          # also time the Triton launch configs (benchmarks/triton_tune.py)
+#   AB=0 bash benchmarks/gpu_run.sh            # skip the encoder / master-weight A/B (benchmarks/encoder_ab.py)
 # Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.
 set -uo pipefail
 OUT=${1:-benchmarks/results}
@@ -21,11 +22,14 @@ python3 -c "import sae_fast, sae_fast._C; print('backends', sae_fast.available_b
 # The GPU tests (realistic sizes, bf16 and fp32, against reference.py in float64).
 python3 -m pytest -q -p no:logging -m gpu tests/test_triton_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
 
-# Choices built without a GPU, timed side by side: GEMM + scan vs fused encoder, master weights vs copies.
-if [ "${QUICK:-0}" = 1 ]; then
-  python3 benchmarks/encoder_ab.py --workloads w1 --chunks 4096 --out "$OUT"
-else
-  python3 benchmarks/encoder_ab.py --out "$OUT"
+# Choices built without a GPU, timed side by side: GEMM + scan vs fused encoder, master weights vs copies
+# (a few minutes; AB=0 skips it, e.g. when it ran as its own call: python3 benchmarks/encoder_ab.py --out OUT).
+if [ "${AB:-1}" = 1 ]; then
+  if [ "${QUICK:-0}" = 1 ]; then
+    python3 benchmarks/encoder_ab.py --workloads w1 --chunks 4096 --out "$OUT"
+  else
+    python3 benchmarks/encoder_ab.py --out "$OUT"
+  fi
 fi
 
 if [ "${QUICK:-0}" = 1 ]; then
