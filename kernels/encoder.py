@@ -80,6 +80,17 @@ def _score_tile(x_ptr, w_ptr, c_ptr, rows, cols, row_ok, col_ok, d, stride_xb, s
 
 
 @triton.jit
+def _program_span(B, col_lo, col_hi, n_per_split, BLOCK_M: tl.constexpr):
+    """A partial kernel's program (row block, split): its rows, which of them exist, its latents [lo, hi)
+    within [col_lo, col_hi), and each row's (row, split) slot of the (B, S, ...) partials."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo = col_lo + split * n_per_split
+    hi = tl.minimum(lo + n_per_split, col_hi)
+    return rows, rows < B, lo, hi, rows.to(tl.int64) * tl.num_programs(1) + split
+
+
+@triton.jit
 def _tile(x_ptr, w_ptr, c_ptr, s_ptr, rows, cols, row_ok, col_ok, B, col_lo, d,
           stride_xb, stride_xd, stride_wn, stride_wd, stride_sb,
           BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FROM_SCORES: tl.constexpr):
@@ -174,14 +185,8 @@ def _topk_partial_kernel(x_ptr, w_ptr, c_ptr, dead_ptr, part_ptr, aux_part_ptr, 
     split -> part (B, S, KP). FROM_SCORES: the tiles are read from ``s`` (B, col_hi - col_lo) fp32
     products x @ W.T (the GEMM ran elsewhere) instead of multiplied here. RESUME: the running lists
     start from ``part`` (an earlier chunk of latents) instead of empty."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    lo = col_lo + split * n_per_split
-    hi = tl.minimum(lo + n_per_split, col_hi)
-    base = rows.to(tl.int64)[:, None] * n_splits + split
+    rows, row_ok, lo, hi, slot = _program_span(B, col_lo, col_hi, n_per_split, BLOCK_M)
+    base = slot[:, None]
     if RESUME:
         run = tl.load(part_ptr + base * KP + tl.arange(0, KP)[None, :], mask=row_ok[:, None], other=_PAD_KEY)
         if HAS_AUX:
@@ -235,14 +240,7 @@ def _threshold_partial_kernel(x_ptr, w_ptr, c_ptr, cut_ptr, pre_ptr, idx_ptr, co
     """Per (row block, split) of the latents [col_lo, col_hi): entries with p > cutoff, ascending latent,
     into (B, S, cap) lists; count (B, S) is the true number (it may exceed cap: the launcher then reruns).
     FROM_SCORES and RESUME as in _topk_partial_kernel (RESUME appends to the lists of earlier chunks)."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    lo = col_lo + split * n_per_split
-    hi = tl.minimum(lo + n_per_split, col_hi)
-    base = rows.to(tl.int64) * n_splits + split
+    rows, row_ok, lo, hi, base = _program_span(B, col_lo, col_hi, n_per_split, BLOCK_M)
     if RESUME:
         count = tl.load(count_ptr + base, mask=row_ok, other=0)
     else:
