@@ -49,6 +49,17 @@ def _randomise(module, seed=0):
     return module
 
 
+def _random_eval_sae(act, seed, threshold_seed):
+    """A randomised SAE in eval mode with a random JumpReLU threshold and a BatchTopK inference threshold."""
+    sae = _randomise(SparseAutoencoder(D, N, act, k=K, seed=0), seed=seed)
+    if act == "jumprelu":
+        with torch.no_grad():
+            sae.log_threshold.copy_(torch.randn(N, generator=torch.Generator().manual_seed(threshold_seed)) - 1.0)
+    if act == "batchtopk":
+        sae.threshold.fill_(0.2)
+    return sae.eval()
+
+
 # ============================================================================ SAELens
 @pytest.fixture(scope="module")
 def sl():
@@ -188,13 +199,7 @@ def test_saelens_pre_6_config(sl, tmp_path):
 
 @pytest.mark.parametrize("act", ["topk", "relu", "jumprelu", "batchtopk"])
 def test_our_saelens_files_load_in_saelens(sl, tmp_path, act):
-    ours = _randomise(SparseAutoencoder(D, N, act, k=K, seed=0), seed=2)
-    if act == "jumprelu":
-        with torch.no_grad():
-            ours.log_threshold.copy_(torch.randn(N, generator=torch.Generator().manual_seed(4)) - 1.0)
-    if act == "batchtopk":
-        ours.threshold.fill_(0.2)
-    ours.eval()
+    ours = _random_eval_sae(act, seed=2, threshold_seed=4)
     sio.save_saelens(ours, tmp_path / "out", metadata={"hook_name": "blocks.3.hook_resid_post"})
     theirs = sl.SAE.load_from_disk(tmp_path / "out")
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
@@ -437,13 +442,7 @@ def test_folded_activation_scale_reads_raw_activations(tmp_path, act):
     # An SAE trained on activations * scale; the folded copy (and the files written with act_scale) read
     # raw activations and reconstruct in raw units, with the same latents.
     scale = 2.5
-    ours = _randomise(SparseAutoencoder(D, N, act, k=K, seed=0), seed=3)
-    if act == "jumprelu":
-        with torch.no_grad():
-            ours.log_threshold.copy_(torch.randn(N, generator=torch.Generator().manual_seed(5)) - 1.0)
-    if act == "batchtopk":
-        ours.threshold.fill_(0.2)
-    ours.eval()
+    ours = _random_eval_sae(act, seed=3, threshold_seed=5)
     x = _x(seed=7)
     with torch.no_grad():
         want = ours(x * scale)

@@ -67,6 +67,11 @@ def test_topk_sae_matches_reference(backend, dtype, atol, rtol, B, d, n, k):
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
 @pytest.mark.parametrize("act", ["topk", "batchtopk", "relu", "threshold", "jumprelu"])
 def test_encode_decode_matches_reference(backend, dtype, atol, rtol, B, d, n, k, act):
+    check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k)
+
+
+def check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k):
+    """encode_decode with ``backend`` against reference.py in float64: values, x_hat, every gradient."""
     tensors = make_sae_tensors(B, d, n, dtype, seed=1)
     theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
 

@@ -21,7 +21,8 @@ from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.kernels import decoder as dec, encoder as enc, latent_backward as lb  # noqa: E402
 
 from conftest import DTYPES, encode_decode, make_sae_tensors  # noqa: E402
-from test_ops import MASTER_ACTS, _close, _grads_match, _ref_grads, check_master_weights  # noqa: E402
+from test_ops import (MASTER_ACTS, _close, _grads_match, _ref_grads, check_encode_decode,  # noqa: E402
+                      check_master_weights)
 
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 70, 7), (9, 33, 300, 32), (5, 3, 6, 6)]
 
@@ -74,28 +75,7 @@ def test_master_weights_beside_bf16_activations(monkeypatch, act, in_kernel, n):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("act", ["topk", "batchtopk", "relu", "threshold", "jumprelu"])
 def test_encode_decode_matches_reference(dtype, atol, rtol, act):
-    B, d, n, k = 13, 9, 70, 3
-    tensors = make_sae_tensors(B, d, n, dtype, seed=1)
-    theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
-
-    def fn(*t):
-        return encode_decode(act, k, *t)
-
-    with sae_fast.use_backend("triton"):
-        out = fn(*tensors, theta)
-    ref, t64 = _ref_grads(fn, tensors + [theta])
-    dense, dense_ref = R.sparse_to_dense(out[0], out[1], n), R.sparse_to_dense(ref[0], ref[1], n)
-    if act == "jumprelu" and dtype == torch.bfloat16:
-        pre = R.pre_activations(*[t.detach().double() for t in (tensors[0], tensors[1], tensors[2], tensors[4])])
-        far = (pre - theta.detach().double()).abs() > 2e-2 * theta.detach().double()
-        dense, dense_ref = dense * far, dense_ref * far
-    else:
-        _close(out[2], ref[2], atol * 10, rtol, "x_hat")
-    _close(dense, dense_ref, atol, rtol, "values")
-    if act == "jumprelu" and dtype == torch.bfloat16:
-        return  # entries within bf16 rounding of theta flip sides; fp32 checks theta's gradient
-    loss = lambda v, i, xh, l0: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + l0.float()
-    _grads_match(loss, out, ref, tensors + [theta], t64, atol, rtol)
+    check_encode_decode("triton", act, dtype, atol, rtol, 13, 9, 70, 3)
 
 
 # ----------------------------------------------------------------------------- encoder kernel paths
