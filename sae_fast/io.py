@@ -43,6 +43,13 @@ FORMATS = ("sae-fast", "saelens", "sparsify")
 
 
 # ============================================================================ shared helpers
+def _write_weights_and_config(folder: Path, tensors: dict, weights_file: str, cfg: dict, indent=2) -> None:
+    """The two files of an SAE folder in every format: safetensors weights and a JSON config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / weights_file))
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=indent) + "\n")
+
+
 def atomic_dir_write(path, write) -> Path:
     """Call ``write(tmp_dir)`` then move the finished folder into ``path``, so a crash never leaves a half
     written folder behind (an existing folder is replaced only after the new one is complete)."""
@@ -206,11 +213,7 @@ def save_sae(sae, path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     cfg = {"format": FORMAT, **sae.cfg.to_dict()}
 
-    def write(tmp: Path):
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-
-    return atomic_dir_write(path, write)
+    return atomic_dir_write(path, lambda tmp: _write_weights_and_config(tmp, tensors, WEIGHTS_FILE, cfg))
 
 
 def _load_own(path, device=None, dtype=None):
@@ -437,11 +440,7 @@ def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | Non
                          **(metadata or {})})
     tensors = {k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}
 
-    def write(tmp: Path):
-        save_file(tensors, str(tmp / SAELENS_WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-
-    return atomic_dir_write(path, write)
+    return atomic_dir_write(path, lambda tmp: _write_weights_and_config(tmp, tensors, SAELENS_WEIGHTS_FILE, cfg))
 
 
 # ============================================================================ sparsify
@@ -518,9 +517,7 @@ def save_sparsify(sae, path, act_scale=None) -> Path:
         cfg = {"activation": "topk", "expansion_factor": max(n // d, 1), "normalize_decoder": True,
                "num_latents": n, "k": s.cfg.k, "multi_topk": False, "skip_connection": False,
                "transcode": False, "d_in": d}
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(cfg) + "\n")
+        _write_weights_and_config(folder, tensors, WEIGHTS_FILE, cfg, indent=None)
 
     def write(tmp: Path):
         if saes is None:
