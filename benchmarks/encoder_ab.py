@@ -26,7 +26,7 @@ import triton
 from triton.testing import do_bench
 
 from sae_fast import SparseAutoencoder
-from sae_fast.bench import device_slug
+from sae_fast.bench import autocast_copies_sae, device_slug
 from sae_fast.kernels import encoder as enc
 
 WORKLOADS = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64),
@@ -39,14 +39,6 @@ def _ms(fn) -> float | str:
         return do_bench(fn, warmup=5, rep=50, return_mode="median")
     except Exception as e:  # noqa: BLE001 - a path that fails is a result to report
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-
-
-class _CopiesSAE(SparseAutoencoder):
-    """The pre-master-weight behaviour: every parameter cast to the autocast dtype (copies in autograd)."""
-
-    @staticmethod
-    def _as(param, dtype):
-        return param.to(dtype)
 
 
 def encoder_rows(name, B, d, n, k, chunks):
@@ -114,7 +106,7 @@ def sae_rows(name, B, d, n, k, best_chunk):
     x = torch.randn(B, d, device=DEVICE)
     rows = []
     variants = [("SAE fwd+bwd, master weights (default)", SparseAutoencoder, 0),
-                ("SAE fwd+bwd, autocast copies of every weight (before)", _CopiesSAE, 0)]
+                ("SAE fwd+bwd, autocast copies of every weight (before)", autocast_copies_sae(), 0)]
     if best_chunk:
         variants.append((f"SAE fwd+bwd, master weights, GEMM + scan chunk {best_chunk}", SparseAutoencoder, best_chunk))
     for label, cls, chunk in variants:

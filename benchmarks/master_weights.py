@@ -16,15 +16,7 @@ from pathlib import Path
 import torch
 
 from sae_fast import SparseAutoencoder, ops
-from sae_fast.bench import WORKLOADS, device_name, device_slug, quick
-
-
-class CopiesSAE(SparseAutoencoder):
-    """The behaviour before master weights: every parameter cast to the autocast dtype inside autograd."""
-
-    @staticmethod
-    def _as(param, dtype):
-        return param.to(dtype)
+from sae_fast.bench import WORKLOADS, autocast_copies_sae, device_name, device_slug, quick
 
 
 def main(argv=None) -> dict:
@@ -38,7 +30,8 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     w = quick(WORKLOADS[args.workload]) if args.quick else WORKLOADS[args.workload]
     x = torch.randn(w.batch, w.d, device=dev)
-    variants = {"master weights (sae-fast)": SparseAutoencoder, "autocast copies of every weight (before)": CopiesSAE}
+    variants = {"master weights (sae-fast)": SparseAutoencoder,
+                "autocast copies of every weight (before)": autocast_copies_sae()}
     saes = {name: cls(w.d, w.n, w.activation, k=w.k, k_aux=0, seed=0, device=dev) for name, cls in variants.items()}
 
     def step(sae):

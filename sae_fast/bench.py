@@ -326,6 +326,19 @@ def _renorm_rows(W: Tensor) -> Callable[[], None]:
     return fn
 
 
+def autocast_copies_sae():
+    """SparseAutoencoder as it ran before master weights, for A/Bs: under autocast every parameter is cast to
+    the compute dtype inside autograd (16-bit weight copies, 16-bit gradients cast back)."""
+    from .sae import SparseAutoencoder
+
+    class AutocastCopiesSAE(SparseAutoencoder):
+        @staticmethod
+        def _as(param, dtype):
+            return param.to(dtype)
+
+    return AutocastCopiesSAE
+
+
 def sae_fast_harness(setup: Setup, backend: str) -> Harness:
     from .sae import SparseAutoencoder
     w = setup.workload
