@@ -50,6 +50,17 @@ def _write_weights_and_config(folder: Path, tensors: dict, weights_file: str, cf
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=indent) + "\n")
 
 
+def _config_and_weights(path, weights_file: str, kind: str):
+    """(folder, config path, weights path, parsed config) of a SAELens or sparsify folder; a clear error
+    names the missing file."""
+    path = _folder(path)
+    cfg_path, weights_path = path / CONFIG_FILE, path / weights_file
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{path} is not {kind} SAE folder: missing {f.name}")
+    return path, cfg_path, weights_path, _read_json(cfg_path)
+
+
 def atomic_dir_write(path, write) -> Path:
     """Call ``write(tmp_dir)`` then move the finished folder into ``path``, so a crash never leaves a half
     written folder behind (an existing folder is replaced only after the new one is complete)."""
@@ -313,12 +324,7 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     activation_whitening.safetensors). ``reshape_activations='hook_z'`` SAEs take heads flattened to d_in."""
     from .sae import SAEConfig
 
-    path = _folder(path)
-    cfg_path, weights_path = path / CONFIG_FILE, path / SAELENS_WEIGHTS_FILE
-    for f in (cfg_path, weights_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{path} is not a SAELens SAE folder: missing {f.name}")
-    cfg = _read_json(cfg_path)
+    path, cfg_path, weights_path, cfg = _config_and_weights(path, SAELENS_WEIGHTS_FILE, "a SAELens")
     if (_saelens_version(cfg) or 0) < 6:
         cfg = _saelens_pre6(cfg)
     arch = cfg.get("architecture")
@@ -447,12 +453,7 @@ def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | Non
 def _load_sparsify_one(path, device=None, dtype=None):
     from .sae import SAEConfig
 
-    path = _folder(path)
-    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_path, weights_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{path} is not a sparsify SAE folder: missing {f.name}")
-    cfg = _read_json(cfg_path)
+    path, cfg_path, weights_path, cfg = _config_and_weights(path, WEIGHTS_FILE, "a sparsify")
     if cfg.get("format") == FORMAT:
         raise ValueError(f"{path} is a sae-fast folder, not a sparsify one; use load_sae")
     activation = cfg.get("activation", "topk")
