@@ -222,7 +222,11 @@ def test_ties_lower_index_wins(backend):
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 40), d=st.integers(1, 24), n=st.integers(1, 300), data=st.data())
 def test_topk_fuzzed_shapes(backend, B, d, n, data):
-    k = data.draw(st.integers(1, n))
+    check_topk_against_reference(backend, B, d, n, data.draw(st.integers(1, n)))
+
+
+def check_topk_against_reference(backend, B, d, n, k):
+    """topk_sae's indices, x_hat and weight gradients against the reference backend, fp32."""
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, seed=B * 1000 + n)
     with sae_fast.use_backend(backend):
         out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)

@@ -22,7 +22,7 @@ from sae_fast.kernels import decoder as dec, encoder as enc, latent_backward as 
 
 from conftest import DTYPES, encode_decode, make_sae_tensors  # noqa: E402
 from test_ops import (MASTER_ACTS, _close, _grads_match, _ref_grads, check_encode_decode,  # noqa: E402
-                      check_master_weights)
+                      check_master_weights, check_topk_against_reference)
 
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 70, 7), (9, 33, 300, 32), (5, 3, 6, 6)]
 
@@ -347,18 +347,7 @@ def test_float64_falls_back_to_torch_with_exact_gradients():
 @settings(max_examples=6, deadline=None)
 @given(B=st.integers(1, 20), d=st.integers(1, 20), n=st.integers(1, 90), data=st.data())
 def test_topk_fuzzed_shapes(B, d, n, data):
-    k = data.draw(st.integers(1, n))
-    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, seed=B * 1000 + n)
-    with sae_fast.use_backend("triton"):
-        out = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)
-        g = torch.autograd.grad(out.x_hat.pow(2).sum(), [W_enc, b_enc, W_dec, b_dec])
-    with sae_fast.use_backend("reference"):
-        ref = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k)
-        g_ref = torch.autograd.grad(ref.x_hat.pow(2).sum(), [W_enc, b_enc, W_dec, b_dec])
-    assert torch.equal(out.indices, ref.indices)
-    torch.testing.assert_close(out.x_hat, ref.x_hat, atol=1e-4, rtol=1e-4)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-3 * (b.abs().max().item() + 1), rtol=1e-3)
+    check_topk_against_reference("triton", B, d, n, data.draw(st.integers(1, n)))
 
 
 def test_encoder_ab_script_runs_on_the_interpreter(tmp_path, monkeypatch):
