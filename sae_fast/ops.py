@@ -240,7 +240,7 @@ def _gathered(W: Tensor, dtype: torch.dtype, rows: int, gathers: int) -> Tensor:
     B*k is several times n). Made inside an autograd Function, the copy is not differentiated through."""
     if not is_master(W.dtype, dtype):
         return W
-    wide, narrow = W.element_size(), torch.empty((), dtype=dtype).element_size()
+    wide, narrow = W.element_size(), torch.finfo(dtype).bits // 8
     # Under torch.compile a code's width may be data-dependent (threshold lists): undecided means no copy.
     return W.to(dtype) if guard_or_false(rows * gathers * (wide - narrow) > W.shape[0] * (wide + narrow)) else W
 
