@@ -78,7 +78,7 @@ def test_missing_or_failing_peer_is_a_row_not_a_gap(monkeypatch):
             for label, fn in (("peer X", broken), ("peer Y", breaks_in_step))]
     assert rows[0][0].status == "failed" and "no kernel image" in rows[0][0].error
     for phase in bench.PHASES:
-        bench.measure_phase(phase, [(rows[1][0], bench._phase_fn(rows[1][1], phase, setup.x, setup))],
+        bench.measure_phase(phase, [(rows[1][0], bench.phase_call(rows[1][1], phase, setup.x, setup))],
                             setup.device, 0, 1)
     assert rows[1][0].status == "failed" and rows[1][0].error.startswith("in step: ZeroDivisionError")
     assert list(rows[1][0].phases) == ["fwd", "fwd_bwd"]

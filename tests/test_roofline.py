@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import sae_fast
-from sae_fast import cli, ops, roofline
-from sae_fast.bench import WORKLOADS
-from sae_fast.roofline import GPUS, Kernel, Shape
+from sae_fast import cli, ops
+from sae_fast.bench import WORKLOADS, roofline
+from sae_fast.bench.roofline import GPUS, Kernel, Shape
 
 B, D, N, K = 8, 16, 64, 4
 REPO = Path(__file__).resolve().parent.parent
