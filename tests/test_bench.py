@@ -113,9 +113,24 @@ def test_peers_compute_the_same_sae_when_installed(tmp_path):
         assert r.xhat_rel_err < 1e-5, r.label
 
 
-def test_peak_memory_on_cpu_sees_a_temporary():
-    peak = bench.peak_memory(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
-    assert peak is None or peak >= 4 << 20  # None only if torch.profiler's result API moved
+def test_peak_memory_on_cpu_is_the_most_bytes_live_at_once_during_the_call():
+    cpu, mib4 = torch.device("cpu"), 4 << 20  # torch.ones(1 << 20): 4 MiB of fp32
+    one = bench.peak_memory(lambda: torch.ones(1 << 20).sum(), cpu)
+    assert one is not None, "torch.profiler's result API moved: the bench would report no CPU memory at all"
+    assert mib4 <= one < 2 * mib4
+
+    def three_live_at_once():
+        a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+        return a + b
+
+    def three_one_after_another():
+        for _ in range(3):
+            torch.ones(1 << 20).sum()  # each freed before the next is made
+
+    assert bench.peak_memory(three_live_at_once, cpu) >= 3 * mib4
+    assert mib4 <= bench.peak_memory(three_one_after_another, cpu) < 2 * mib4  # frees count: a peak, not a sum
+    kept = torch.ones(1 << 20)  # live before the call: not the call's
+    assert bench.peak_memory(lambda: kept.sum(), cpu) < mib4
 
 
 def test_custom_shapes_and_bad_flags(tmp_path, capsys):
