@@ -19,8 +19,18 @@ from .peers import Contestant, Harness, NotApplicable, autocast_copies_sae, cont
 from .provenance import device_info, device_name, device_slug, git_commit, versions
 from .report import render_markdown, render_text, to_json
 from .runner import build_row, floor_entry, fused_backends, main, phase_call, run_workload
-from .workloads import (ADAM_LR, DEFAULT_WORKLOADS, L1_COEFF, WORKLOADS, Setup, Workload, make_setup, quick,
-                        resolve_workloads, sae_tensors)
+from .workloads import (
+    ADAM_LR,
+    DEFAULT_WORKLOADS,
+    L1_COEFF,
+    WORKLOADS,
+    Setup,
+    Workload,
+    make_setup,
+    quick,
+    resolve_workloads,
+    sae_tensors,
+)
 
 __all__ = [
     "ADAM_LR", "DEFAULT_WORKLOADS", "L1_COEFF", "MEMORY_METHOD", "PHASES", "PHASE_TITLE", "WORKLOADS",

@@ -128,7 +128,8 @@ class Contestant:
 def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Contestant]:
     w, dev = setup.workload, setup.device
     act = "TopK" if w.activation == "topk" else "ReLU+L1"
-    ours = (f"SparseAutoencoder(activation={w.activation!r}, k_aux=0{', l1_coeff=%g' % L1_COEFF if w.activation == 'relu' else ''}); "
+    l1 = f", l1_coeff={L1_COEFF:g}" if w.activation == "relu" else ""
+    ours = (f"SparseAutoencoder(activation={w.activation!r}, k_aux=0{l1}); "
             "step: remove_parallel_grad_, Adam, normalize_decoder_")
     out = []
     for name in backends:
@@ -143,7 +144,8 @@ def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Con
                               "step: remove_gradient_parallel_to_decoder_directions, Adam, "
                               "set_decoder_norm_to_unit_norm", sparsify_harness, "sparsify"))
     if "saelens" in peers:
-        renorm = "Adam, decoder rows renormalised by the bench (as ours; SAELens's trainer does not, and clips grad norm, not done here)"
+        renorm = ("Adam, decoder rows renormalised by the bench (as ours; SAELens's trainer does not, and clips grad "
+                  "norm, not done here)")
         if w.activation == "topk":
             for rescale in (True, False):
                 out.append(Contestant(f"SAELens rescale={rescale}", "peer",

@@ -72,7 +72,8 @@ def device_info(device: torch.device) -> dict:
     info = {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads()}
     if device.type == "cpu":
         try:
-            flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+            lines = Path("/proc/cpuinfo").read_text().splitlines()
+            flags = next(line for line in lines if line.startswith("flags")).split()
             info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
         except (OSError, StopIteration):
             pass

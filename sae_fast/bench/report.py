@@ -57,8 +57,9 @@ def speedup_rows(res: Result) -> tuple[list[str], list[list[str]]]:
             if o.status != "ok":
                 cells.append(o.status)
                 continue
-            cells.append(f"{_speedup(o.median('step'), r.median('step'))} "
-                         f"({_speedup(o.median('fwd'), r.median('fwd'))} / {_speedup(o.median('fwd_bwd'), r.median('fwd_bwd'))})")
+            fwd = _speedup(o.median("fwd"), r.median("fwd"))
+            fwd_bwd = _speedup(o.median("fwd_bwd"), r.median("fwd_bwd"))
+            cells.append(f"{_speedup(o.median('step'), r.median('step'))} ({fwd} / {fwd_bwd})")
         body.append(cells)
     return head, body
 
@@ -157,8 +158,8 @@ def save_chart(results: list[Result], meta: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 1.2 + 0.55 * max(len(r.rows) for r in results) * len(results)),
-                             squeeze=False)
+    height = 1.2 + 0.55 * max(len(r.rows) for r in results) * len(results)
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, height), squeeze=False)
     for ax, res in zip(axes[:, 0], results):
         rows = [r for r in res.rows if r.kind != "floor"]
         labels = [r.label if r.status == "ok" else f"{r.label} ({r.status})" for r in rows]

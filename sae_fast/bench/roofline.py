@@ -108,7 +108,8 @@ I32, I64 = 4, 8
 
 
 def default_splits(B: int, gpu: GPU, block_m: int = 128) -> int:
-    """S for the fused encoder: enough (row block, n split) programs to give every SM one: ceil(SMs / ceil(B/BLOCK_M))."""
+    """S for the fused encoder: enough (row block, n split) programs to give every SM one:
+    ceil(SMs / ceil(B/BLOCK_M))."""
     return max(1, math.ceil(gpu.sms / math.ceil(B / block_m)))
 
 
@@ -298,7 +299,8 @@ def dense_kernels(s: Shape, rescale: bool = False) -> list:
                          {"d_pre": Bn * e}))
     if rescale:
         ks.append(Kernel("rescale backward over (B, n) (two products)", "bwd", 2 * Bn, False,
-                         {"d_acts": Bn * e, "hidden_pre": Bn * e, "acts": Bn * e}, {"d_pre": Bn * e, "d_norm part": Bn * e}))
+                         {"d_acts": Bn * e, "hidden_pre": Bn * e, "acts": Bn * e},
+                         {"d_pre": Bn * e, "d_norm part": Bn * e}))
     ks.append(Kernel("db_enc = d_pre summed over rows", "bwd", Bn, False, {"d_pre": Bn * e}, {"db_enc": n * e}))
     ks.append(Kernel("encoder backward dW_enc = sae_in.T @ d_pre", "bwd", 2 * Bn * d, True,
                      {"sae_in": BD * e, "d_pre": Bn * e}, {"dW_enc": nd * e}))

@@ -33,7 +33,8 @@ def render(gpu: GPU, results: list, markdown: bool = False) -> str:
         w, fl = res["workload"], res["encoder_gemm"]
         what = f"k={w['k']}" if w["activation"] == "topk" else f"ReLU+L1, mean L0 {w['k']}"
         title = (f"{w['name']}: B={w['batch']} d={w['d']} n={w['n']} {what}, bf16 autocast + fp32 masters "
-                 f"(S={res['shape']['splits']} n-splits) | MODEL encoder GEMM {_us(fl['seconds'])} us ({fl['bound']}-bound)")
+                 f"(S={res['shape']['splits']} n-splits) | MODEL encoder GEMM {_us(fl['seconds'])} us "
+                 f"({fl['bound']}-bound)")
         head = ["algorithm (MODEL)", "fwd us", "x gemm", "fwd+bwd us", "x gemm", "step us", "x gemm", "tokens/s"]
         body = []
         for key, a in res["algorithms"].items():
@@ -57,7 +58,8 @@ def render(gpu: GPU, results: list, markdown: bool = False) -> str:
                 lines += [f"### {w['name']} / {key}: {a['description']}", ""]
                 body = [[k["phase"], k["name"], f"{k['flops'] / 1e9:.2f}", f"{k['bytes'] / 2**20:.1f}",
                          "yes" if k["tensor_core"] else "", _us(k["seconds"]), k["bound"]] for k in a["kernels"]]
-                lines += [_table(["phase", "kernel", "GFLOP", "MiB moved", "tensor core", "us", "bound"], body, True), ""]
+                head = ["phase", "kernel", "GFLOP", "MiB moved", "tensor core", "us", "bound"]
+                lines += [_table(head, body, True), ""]
     else:
         lines += ["", "x gemm: predicted time / predicted encoder GEMM time. Per-kernel flops, bytes and formulas: "
                   "the saved Markdown and sae_fast/bench/roofline.py."]
