@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from . import folders, ops, reference
-from .folders import CONFIG_FILE, atomic_dir_write, no_leftovers, parse_dtype, read_json, read_tensors, take
+from .folders import (CONFIG_FILE, FolderFormat, atomic_dir_write, no_leftovers, parse_dtype, read_json, read_tensors,
+                      register_format, take, write_weights_and_config)
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
@@ -312,7 +313,7 @@ def save_sae(sae: SparseAutoencoder, path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     cfg = {"format": FORMAT, **sae.cfg.to_dict()}
 
-    return atomic_dir_write(path, lambda tmp: folders.write_weights_and_config(tmp, tensors, WEIGHTS_FILE, cfg))
+    return atomic_dir_write(path, lambda tmp: write_weights_and_config(tmp, tensors, WEIGHTS_FILE, cfg))
 
 
 def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
@@ -339,5 +340,5 @@ def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
     return SparseAutoencoder.from_weights(sae_cfg, weights, device, dtype, buffers=buffers)
 
 
-folders.register_format(folders.FolderFormat(
-    FORMAT, FORMAT, WEIGHTS_FILE, claims=lambda cfg: cfg.get("format") == FORMAT, load=_load_sae_fast))
+register_format(FolderFormat(FORMAT, FORMAT, WEIGHTS_FILE, claims=lambda cfg: cfg.get("format") == FORMAT,
+                             load=_load_sae_fast))
