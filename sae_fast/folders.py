@@ -193,7 +193,8 @@ def load_folder_or_run(path, loader, hookpoint, **kwargs):
         sub = path / hookpoint
         if not (sub / CONFIG_FILE).is_file():
             names = [p.name for p in _sae_subfolders(path)]
-            raise FileNotFoundError(f"no SAE for hookpoint {hookpoint!r} in {path}; found: {', '.join(names) or 'none'}")
+            raise FileNotFoundError(f"no SAE for hookpoint {hookpoint!r} in {path}; "
+                                    f"found: {', '.join(names) or 'none'}")
         return loader(sub, **kwargs)
     if (path / CONFIG_FILE).is_file() or not path.is_dir():
         return loader(path, **kwargs)

@@ -25,8 +25,18 @@ import torch
 from torch import Tensor, nn
 
 from . import folders, ops, reference
-from .folders import (CONFIG_FILE, FolderFormat, atomic_dir_write, no_leftovers, parse_dtype, read_json, read_tensors,
-                      register_format, take, write_weights_and_config)
+from .folders import (
+    CONFIG_FILE,
+    FolderFormat,
+    atomic_dir_write,
+    no_leftovers,
+    parse_dtype,
+    read_json,
+    read_tensors,
+    register_format,
+    take,
+    write_weights_and_config,
+)
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
@@ -83,7 +93,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
+    def from_dict(cls, d: dict) -> SAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -110,7 +120,9 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_in: int | None = None, n_latents: int | None = None, activation: Activation = "topk",
                  *, cfg: SAEConfig | None = None, device=None, dtype=None, seed: int | None = None, **kwargs):
         super().__init__()
-        self.cfg = cfg if cfg is not None else SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
+        if cfg is None:
+            cfg = SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
+        self.cfg = cfg
         n, d = self.cfg.n_latents, self.cfg.d_in
         factory = {"device": device, "dtype": dtype or torch.float32}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -273,7 +285,7 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_weights(cls, cfg: SAEConfig, weights: dict, device=None, dtype: torch.dtype = torch.float32,
-                     buffers: dict | None = None) -> "SparseAutoencoder":
+                     buffers: dict | None = None) -> SparseAutoencoder:
         """An SAE holding ``weights`` (parameter name -> tensor, cast to ``dtype``), built without a
         throwaway random init. Buffers not in ``buffers`` (training state) get the module's defaults."""
         with torch.device("meta"):
@@ -293,7 +305,7 @@ class SparseAutoencoder(nn.Module):
         save_sae(self, path)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, hookpoint: str | None = None) -> "SparseAutoencoder":
+    def load(cls, path, device=None, dtype=None, hookpoint: str | None = None) -> SparseAutoencoder:
         """Load a folder written by ``save``, or a SAELens or sparsify SAE folder (format detected from its
         files; see sae_fast.io). For a run folder with several hookpoints, name one with ``hookpoint=``."""
         sae = folders.load_sae(path, device=device, dtype=dtype, hookpoint=hookpoint)

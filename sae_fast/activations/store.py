@@ -25,8 +25,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,7 +142,7 @@ class ActivationStore:
             os.replace(tmp, path)
         self.sizes.append(n)
 
-    def finish(self) -> "ActivationStore":
+    def finish(self) -> ActivationStore:
         """Write the last (short) shard and, on disk, ``meta.json``, which marks the store complete."""
         if self._pending_rows:
             self._flush(self._pending_rows)
@@ -157,7 +157,7 @@ class ActivationStore:
         return self
 
     @classmethod
-    def open(cls, folder) -> "ActivationStore | None":
+    def open(cls, folder) -> ActivationStore | None:
         """The complete store in ``folder``, or None when there is none (or it was never finished)."""
         folder = Path(folder)
         try:

@@ -23,8 +23,14 @@ module and its own format) <- the peer formats here, which register themselves o
 from ..folders import CONFIG_FILE, FOLDER_FORMATS, atomic_dir_write, detect_format, load_sae
 from ..sae import FORMAT, WEIGHTS_FILE, save_sae
 from .fold import fold_activation_scale
-from .saelens import (SAELENS_SCALER_FILE, SAELENS_SCHEMA_VERSION, SAELENS_WEIGHTS_FILE, SAELENS_WHITENING_FILE,
-                      load_saelens, save_saelens)
+from .saelens import (
+    SAELENS_SCALER_FILE,
+    SAELENS_SCHEMA_VERSION,
+    SAELENS_WEIGHTS_FILE,
+    SAELENS_WHITENING_FILE,
+    load_saelens,
+    save_saelens,
+)
 from .sparsify import load_sparsify, save_sparsify
 
 FORMATS = tuple(FOLDER_FORMATS)  # ("sae-fast", "saelens", "sparsify")

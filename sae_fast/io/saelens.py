@@ -16,8 +16,18 @@ from pathlib import Path
 
 import torch
 
-from ..folders import (FolderFormat, atomic_dir_write, config_and_weights, no_leftovers, parse_dtype, read_json,
-                       read_tensors, register_format, take, write_weights_and_config)
+from ..folders import (
+    FolderFormat,
+    atomic_dir_write,
+    config_and_weights,
+    no_leftovers,
+    parse_dtype,
+    read_json,
+    read_tensors,
+    register_format,
+    take,
+    write_weights_and_config,
+)
 from ..sae import SAEConfig, SparseAutoencoder
 from .fold import fold_activation_scale
 
@@ -100,7 +110,8 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
         cfg = _saelens_pre6(cfg)
     arch = cfg.get("architecture")
     if arch not in _SAELENS_ARCHS:
-        raise ValueError(f"{cfg_path}: unsupported SAELens architecture {arch!r}; supported: {', '.join(_SAELENS_ARCHS)}")
+        raise ValueError(f"{cfg_path}: unsupported SAELens architecture {arch!r}; "
+                         f"supported: {', '.join(_SAELENS_ARCHS)}")
     try:
         d, n = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as e:

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..folders import (FolderFormat, atomic_dir_write, config_and_weights, load_folder_or_run, no_leftovers,
-                       parse_dtype, read_tensors, register_format, take, write_weights_and_config)
+from ..folders import (
+    FolderFormat,
+    atomic_dir_write,
+    config_and_weights,
+    load_folder_or_run,
+    no_leftovers,
+    parse_dtype,
+    read_tensors,
+    register_format,
+    take,
+    write_weights_and_config,
+)
 from ..sae import FORMAT, WEIGHTS_FILE, SAEConfig, SparseAutoencoder
 from .fold import fold_activation_scale
 
@@ -73,7 +83,8 @@ def save_sparsify(sae, path, act_scale=None) -> Path:
     def write_one(s, folder: Path):
         sd = {k: v.detach().contiguous().cpu() for k, v in s.state_dict().items()}
         n, d = s.cfg.n_latents, s.cfg.d_in
-        tensors = {"encoder.weight": sd["W_enc"], "encoder.bias": sd["b_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
+        tensors = {"encoder.weight": sd["W_enc"], "encoder.bias": sd["b_enc"], "W_dec": sd["W_dec"],
+                   "b_dec": sd["b_dec"]}
         cfg = {"activation": "topk", "expansion_factor": max(n // d, 1), "normalize_decoder": True,
                "num_latents": n, "k": s.cfg.k, "multi_topk": False, "skip_connection": False,
                "transcode": False, "d_in": d}
