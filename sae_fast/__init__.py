@@ -14,7 +14,7 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import ops, reference  # noqa: E402
-from .ops import available_backends, get_backend, use_backend  # noqa: E402
+from .dispatch import available_backends, get_backend, use_backend  # noqa: E402
 from .sae import SAEConfig, SAEOutput, SparseAutoencoder  # noqa: E402
 
 __version__ = "0.1.0"

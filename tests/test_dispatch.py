@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sae_fast
-from sae_fast import ops
+from sae_fast import dispatch, ops
 
 from conftest import make_sae_tensors
 
@@ -64,7 +64,7 @@ def test_backend_that_cannot_run_the_device():
 
 def test_forced_backend_is_the_one_that_runs(monkeypatch):
     calls = []
-    backend = ops._BACKENDS["torch"]
+    backend = dispatch.lookup_backend("torch")
     original = type(backend).topk_select
     monkeypatch.setattr(type(backend), "topk_select", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(3, 4, 8)
