@@ -62,6 +62,12 @@ def lookup_backend(name: str):
     return _BACKENDS[name]
 
 
+def describe_backends() -> dict[str, str]:
+    """For every backend this package has: which tensors it runs on here, or why it is not available."""
+    described = {name: backend.runs_on() for name, backend in _BACKENDS.items()}
+    return {**described, **{name: f"not available: {why}" for name, why in _MISSING.items()}}
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend for the ops called inside the block (overrides ``SAE_FAST_BACKEND``)."""

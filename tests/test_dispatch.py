@@ -73,6 +73,41 @@ def test_forced_backend_is_the_one_that_runs(monkeypatch):
     assert calls == [1]
 
 
+# ----------------------------------------------------------------------------- sae-fast info
+def _info_lines(capsys) -> dict[str, str]:
+    from sae_fast import cli
+    assert cli.main(["info"]) == 0
+    first, *rest = capsys.readouterr().out.split("backends:", 1)[1].splitlines()
+    rows = [first] + [line for line in rest if line.startswith(" " * 31)]  # one backend a line, indented
+    return dict(line.strip().split(": ", 1) for line in rows)
+
+
+def test_info_says_what_each_backend_runs_on_here(capsys):
+    lines = _info_lines(capsys)
+    assert set(lines) == set(ops.available_backends()) | set(dispatch.unavailable_backends())
+    assert lines["reference"].startswith("any device")
+    assert lines["torch"].startswith("any device")
+    if "cpu" in lines:
+        assert lines["cpu"].startswith("CPU tensors" if "cpu" in ops.available_backends() else "not available")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_info_says_triton_needs_cuda_or_the_interpreter(capsys, monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    line = _info_lines(capsys)["triton"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert line.startswith(f"installed; CUDA tensors ({f'{gpus} device(s)' if gpus else 'none here'}); ")
+    assert line.endswith("CPU tensors when forced (TRITON_INTERPRET=1 is set)" if interpret == "1"
+                         else "CPU only under TRITON_INTERPRET=1")
+
+
+def test_info_says_why_a_backend_is_missing(capsys, monkeypatch):
+    monkeypatch.delitem(dispatch._BACKENDS, "cpu", raising=False)
+    monkeypatch.setitem(dispatch._MISSING, "cpu", "sae_fast._C is not built")
+    assert _info_lines(capsys)["cpu"] == "not available: sae_fast._C is not built"
+
+
 # ----------------------------------------------------------------------------- bad input
 def _args():
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(4, 6, 10, requires_grad=False)

@@ -75,6 +75,10 @@ class SparseBackend:
     def supports(self, device: torch.device) -> bool:
         return True
 
+    def runs_on(self) -> str:
+        """Which tensors this backend runs on this machine, in words (``sae-fast info``)."""
+        return "any device (plain torch, chunked over latents)"
+
     def _chunks(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor):
         xc = acc(x) - acc(b_dec)
         n, step = W_enc.shape[0], _latent_chunk(x.shape[0])

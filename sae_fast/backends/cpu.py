@@ -117,6 +117,9 @@ class CpuBackend(SparseBackend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
+    def runs_on(self) -> str:
+        return "CPU tensors (C++/OpenMP kernels in sae_fast._C)"
+
     # ------------------------------------------------------------------ encoders
     def __init__(self):
         self._list_capacity = _MIN_LIST_CAPACITY
