@@ -24,8 +24,9 @@ def chunk(request, monkeypatch):
 def tie_heavy(B, d, n, seed):
     """x, W_enc, b_enc, b_dec of integers in [-1, 1]; b_enc on a 1/2 grid. Returns them and reference.py's p."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randint(-1, 2, s, generator=g).float()
-    x, W_enc, b_enc, b_dec = r(B, d), r(n, d), r(n) / 2, r(d)
+    shapes = ((B, d), (n, d), (n,), (d,))
+    x, W_enc, b_enc, b_dec = (torch.randint(-1, 2, shape, generator=g).float() for shape in shapes)
+    b_enc = b_enc / 2
     p = R.pre_activations(x.double(), W_enc.double(), b_enc.double(), b_dec.double())
     return (x, W_enc, b_enc, b_dec), p
 
