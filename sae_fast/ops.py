@@ -14,8 +14,16 @@ from torch import Tensor
 
 from . import custom_ops, reference
 from .backends.base import cast_or_none
-from .checks import (check_code, check_dead_mask, check_encoder, check_float, check_index_range, check_k, is_master,
-                     set_check_finite)
+from .checks import (
+    check_code,
+    check_dead_mask,
+    check_encoder,
+    check_float,
+    check_index_range,
+    check_k,
+    is_master,
+    set_check_finite,
+)
 from .dispatch import ReferenceBackend, available_backends, get_backend, register_backend, use_backend
 
 try:  # newer torch; with older ones eager code decides as before, and compiling ops._gathered on a

@@ -49,7 +49,8 @@ def test_context_manager_overrides_env_and_restores(monkeypatch):
 
 
 def test_unknown_backend_lists_available():
-    with pytest.raises(ValueError, match=r"backend 'cuda-magic' is not available here; available backends: .*reference"):
+    unknown = r"backend 'cuda-magic' is not available here; available backends: .*reference"
+    with pytest.raises(ValueError, match=unknown):
         with sae_fast.use_backend("cuda-magic"):
             pass
 
@@ -66,7 +67,8 @@ def test_forced_backend_is_the_one_that_runs(monkeypatch):
     calls = []
     backend = dispatch.lookup_backend("torch")
     original = type(backend).topk_select
-    monkeypatch.setattr(type(backend), "topk_select", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    monkeypatch.setattr(type(backend), "topk_select",
+                        lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(3, 4, 8)
     with sae_fast.use_backend("torch"):
         ops.topk_encode(x, W_enc, b_enc, b_dec, 2)
@@ -162,7 +164,8 @@ def test_bad_decode_input():
     W_dec, b_dec = torch.randn(10, 6), torch.randn(6)
     v, i = torch.rand(4, 3), torch.randint(0, 10, (4, 3), dtype=torch.int32)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, n_latents=10\); got values in \[0, 10\]"):
-        ops.sparse_decode(v, torch.full((4, 3), 10, dtype=torch.int32).index_fill(1, torch.tensor([0]), 0), W_dec, b_dec)
+        too_big = torch.full((4, 3), 10, dtype=torch.int32).index_fill(1, torch.tensor([0]), 0)
+        ops.sparse_decode(v, too_big, W_dec, b_dec)
     with pytest.raises(ValueError, match="got values in"):
         ops.sparse_decode(v, -i - 1, W_dec, b_dec)
     with pytest.raises(TypeError, match="indices must be int32 or int64"):
