@@ -15,7 +15,7 @@ if "torch" not in _sys.modules:
 
 # io registers the SAELens and sparsify folder formats, so SparseAutoencoder.load reads them too.
 from . import io, ops, reference  # noqa: E402
-from .ops import available_backends, get_backend, use_backend  # noqa: E402
+from .dispatch import available_backends, get_backend, use_backend  # noqa: E402
 from .sae import SAEConfig, SAEOutput, SparseAutoencoder  # noqa: E402
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ def _info(args) -> int:
     import torch
 
     import sae_fast
-    from sae_fast import ops
+    from sae_fast import dispatch
 
     info = {
         "sae_fast": sae_fast.__version__,
@@ -21,11 +21,17 @@ def _info(args) -> int:
         "python": platform.python_version(),
         "cpu threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "backends": ops.available_backends(),
-        "default backend (cpu tensors)": ops.get_backend("cpu").name,
+        "backends": dispatch.describe_backends(),  # name -> what it runs on here
+        "default backend (cpu tensors)": dispatch.get_backend("cpu").name,
     }
+    if torch.cuda.is_available():
+        info["default backend (cuda tensors)"] = dispatch.get_backend("cuda").name
     for key, value in info.items():
-        print(f"{key:>30}: {value}")
+        if isinstance(value, dict):  # one line per entry, under the key
+            for i, (name, text) in enumerate(value.items()):
+                print(f"{key if i == 0 else '':>30}{':' if i == 0 else ' '} {name}: {text}")
+        else:
+            print(f"{key:>30}: {value}")
     return 0
 
 
