@@ -8,6 +8,9 @@
 // Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
 // ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
 //
+// NaN: as in torch.topk (reference.py), NaN ranks above every number, and NaN ties NaN (lower latent
+// first). `better` and `same` below are those comparisons; plain `>` would silently drop NaN scores.
+//
 // Threshold lists (ReLU, JumpReLU, BatchTopK at inference): append every score > cutoff[latent] while
 // the row has room; the count keeps going past the capacity so the caller sees the overflow.
 #pragma once
@@ -26,6 +29,12 @@ namespace sae_fast {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+inline bool is_nan(float a) { return a != a; }
+// a ranks above b (NaN above every number; nothing above NaN).
+inline bool better(float a, float b) { return !is_nan(b) && !(a <= b); }
+// a and b rank the same.
+inline bool same(float a, float b) { return a == b || (is_nan(a) && is_nan(b)); }
+
 // Buffer capacity for a running top-k: room for a 16-wide append after k, and each compaction
 // (O(capacity)) is paid for by at least max(k, 32) appends.
 inline int64_t topk_capacity(int64_t k) { return k + std::max<int64_t>(k, 32) + 16; }
@@ -39,7 +48,8 @@ inline float kth_largest(const float* v, int64_t count, int64_t k) {
   for (int64_t s = 0; s < count; ++s) {
     uint32_t u;
     std::memcpy(&u, v + s, 4);
-    cur[s] = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+    // Any NaN (either sign) gets the top key, so it decodes to a NaN that ranks above everything.
+    cur[s] = is_nan(v[s]) ? 0xFFFFFFFFu : u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   }
   int64_t need = k;  // rank of the answer, counted from the top, among the values left in cur
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -74,17 +84,20 @@ struct RunningTopK {
     int64_t above = 0, equal = 0;
 #pragma omp simd reduction(+ : above, equal)
     for (int64_t s = 0; s < count; ++s) {
-      above += v[s] > t;
-      equal += v[s] == t;
+      above += better(v[s], t);
+      equal += same(v[s], t);
     }
     int64_t w = 0;
     if (above + equal == k) {  // no tie to break (the usual case): keep every v >= t
 #ifdef SAE_FAST_AVX512
+      // keep = v >= t in the NaN order: "not less than" (true for NaN v) when t is a number, NaN v only
+      // when t is NaN.
       const __m512 tv = _mm512_set1_ps(t);
+      const bool t_nan = is_nan(t);
       int64_t s = 0;
-      for (; s + 16 <= count; s += 16) {
+      for (; !t_nan && s + 16 <= count; s += 16) {
         const __m512 x = _mm512_loadu_ps(v + s);
-        const __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_GE_OQ);
+        const __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_NLT_UQ);
         const __m512i ids = _mm512_loadu_si512(i + s);
         _mm512_mask_compressstoreu_ps(v + w, keep, x);
         _mm512_mask_compressstoreu_epi32(i + w, keep, ids);
@@ -94,7 +107,7 @@ struct RunningTopK {
 #else
       for (int64_t s = 0; s < count; ++s)
 #endif
-        if (v[s] >= t) {
+        if (better(v[s], t) || same(v[s], t)) {
           v[w] = v[s];
           i[w] = i[s];
           ++w;
@@ -105,7 +118,7 @@ struct RunningTopK {
     }
     int64_t ties = k - above;  // of the scores equal to t, the lowest latents (first ones) stay
     for (int64_t s = 0; s < count; ++s) {
-      if (v[s] > t || (v[s] == t && ties-- > 0)) {
+      if (better(v[s], t) || (same(v[s], t) && ties-- > 0)) {
         v[w] = v[s];
         i[w] = i[s];
         ++w;
@@ -141,7 +154,7 @@ struct RunningTopK {
     tmp.resize(count);
     for (int64_t s = 0; s < count; ++s) tmp[s] = {v[s], i[s]};
     std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
+      return better(a.first, b.first) || (same(a.first, b.first) && a.second < b.second);
     });
     for (int64_t s = 0; s < k; ++s) {
       out_v[s] = s < count ? tmp[s].first : kNegInf;
@@ -149,6 +162,10 @@ struct RunningTopK {
     }
   }
 };
+
+#ifdef SAE_FAST_AVX512
+inline float filter_thr(float thr) { return is_nan(thr) ? std::numeric_limits<float>::infinity() : thr; }
+#endif
 
 // Feed scores s[j] + bias[j] of latents c0 .. c0+m-1 to `top`, and to `aux` for latents with
 // keep[j] != 0 (AuxK's dead set; aux may be null). bias and keep point at latent c0.
@@ -158,29 +175,32 @@ inline void scan_topk_t(const float* s, const float* bias, int64_t m, int32_t c0
   int64_t j = 0;
 #ifdef SAE_FAST_AVX512
   // The loop keeps only pointers and thresholds in registers; hits (rare) go out of line.
-  __m512 t = _mm512_set1_ps(top.thr);
-  __m512 ta = _mm512_set1_ps(AUX ? aux->thr : 0.f);
+  // Candidates: better(v, thr), i.e. "not <=" (true for NaN v). Once thr is NaN nothing can beat it,
+  // yet "not <= NaN" is true for all: filter_thr maps a NaN thr to +inf, where only NaN v pass and the
+  // compaction drops them again (a later NaN loses the tie), which keeps the result exact.
+  __m512 t = _mm512_set1_ps(filter_thr(top.thr));
+  __m512 ta = _mm512_set1_ps(AUX ? filter_thr(aux->thr) : 0.f);
   for (; j + 16 <= m; j += 16) {
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
-    const __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+    const __mmask16 hit = _mm512_cmp_ps_mask(v, t, _CMP_NLE_UQ);
     if (__builtin_expect(hit != 0, 0)) {
       top.push16(v, hit, c0 + static_cast<int32_t>(j));
-      t = _mm512_set1_ps(top.thr);
+      t = _mm512_set1_ps(filter_thr(top.thr));
     }
     if (AUX) {
       const __m512i kb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j)));
-      const __mmask16 hit_aux = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(kb, kb), v, ta, _CMP_GT_OQ);
+      const __mmask16 hit_aux = _mm512_mask_cmp_ps_mask(_mm512_test_epi32_mask(kb, kb), v, ta, _CMP_NLE_UQ);
       if (__builtin_expect(hit_aux != 0, 0)) {
         aux->push16(v, hit_aux, c0 + static_cast<int32_t>(j));
-        ta = _mm512_set1_ps(aux->thr);
+        ta = _mm512_set1_ps(filter_thr(aux->thr));
       }
     }
   }
 #endif
   for (; j < m; ++j) {
     const float v = s[j] + bias[j];
-    if (v > top.thr) top.push(v, c0 + static_cast<int32_t>(j));
-    if (AUX && keep[j] && v > aux->thr) aux->push(v, c0 + static_cast<int32_t>(j));
+    if (better(v, top.thr)) top.push(v, c0 + static_cast<int32_t>(j));
+    if (AUX && keep[j] && better(v, aux->thr)) aux->push(v, c0 + static_cast<int32_t>(j));
   }
 }
 
