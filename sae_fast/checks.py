@@ -102,6 +102,22 @@ def check_code(values, indices, W_dec, b_dec) -> None:
 def check_index_range(idx: Tensor, n: int) -> None:
     """A kernel must never read out of bounds: indices from callers are checked before any kernel runs."""
     if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(t) for t in torch.aminmax(idx))
         if lo < 0 or hi >= n:
             raise ValueError(f"indices must lie in [0, n_latents={n}); got values in [{lo}, {hi}]")
+
+
+def check_indices(idx: Tensor, n: int) -> None:
+    """The backends' guard before a kernel indexes rows with ``idx``: a ValueError on CPU; on an
+    accelerator a device-side assert, so the check costs no host sync."""
+    if idx.device.type == "cpu":
+        check_index_range(idx, n)
+    elif idx.numel():
+        torch._assert_async(((idx >= 0) & (idx < n)).all())
+
+
+def check_select_k(k, n: int, k_aux: int = 0) -> None:
+    """The backends' guard on the number of latents to select (a kernel would pad or overrun)."""
+    check_k("k", k, n)
+    if k_aux:
+        check_k("k_aux", k_aux, n)

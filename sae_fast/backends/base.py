@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from ..checks import check_indices, check_select_k
 
 INDEX_DTYPE = reference.INDEX_DTYPE
 
@@ -88,6 +89,7 @@ class SparseBackend:
 
     # ------------------------------------------------------------------ encoders
     def topk_select(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
+        check_select_k(k, W_enc.shape[0], k_aux if dead_mask is not None else 0)
         bv, bi, av, ai = self._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         return cast_or_none(bv, x.dtype), bi, cast_or_none(av, x.dtype), ai
 
@@ -139,17 +141,20 @@ class SparseBackend:
 
     # ------------------------------------------------------------------ decoder
     def sparse_decode(self, values, idx, W, bias=None):
+        check_indices(idx, W.shape[0])
         Wa = acc(W)
         out = F.embedding_bag(idx, Wa, per_sample_weights=values.to(Wa.dtype), mode="sum")
         out = out if bias is None else out + acc(bias)
         return out.to(W.dtype)
 
     def gather_dot(self, g, idx, W):
+        check_indices(idx, W.shape[0])
         Wa = acc(W)
         return torch.bmm(Wa[idx.long()], g.to(Wa.dtype).unsqueeze(-1)).squeeze(-1).to(W.dtype)
 
     # ------------------------------------------------------------------ backward
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
+        check_indices(idx, n)
         B, K = idx.shape
         flat = idx.reshape(-1).long()
         rows = torch.arange(B, device=idx.device).repeat_interleave(K)

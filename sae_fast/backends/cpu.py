@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (ImportError here unregisters the backend)
+from ..checks import check_indices, check_select_k
 from .base import INDEX_DTYPE, SparseBackend, cast_or_none, pad_rows
 
 
@@ -128,6 +129,7 @@ class CpuBackend(SparseBackend):
         if not _native(x):
             return super().topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         k_aux = k_aux if dead_mask is not None else 0
+        check_select_k(k, W_enc.shape[0], k_aux)
         dead = dead_mask.to(torch.uint8).contiguous() if k_aux else None
         pre, idx, aux_pre, aux_idx = self._topk(_centered(x, b_dec), W_enc.contiguous(), _f32(b_enc), k, dead, k_aux)
         return cast_or_none(pre, x.dtype), idx, cast_or_none(aux_pre, x.dtype), aux_idx
@@ -213,6 +215,7 @@ class CpuBackend(SparseBackend):
     def sparse_decode(self, values, idx, W, bias=None):
         if not _native(W):
             return super().sparse_decode(values, idx, W, bias)
+        check_indices(idx, W.shape[0])  # the kernel reads W rows unchecked
         B, K = idx.shape
         d = W.shape[1]
         values, idx, Ws = _f32(values), _i32(idx), _storage(W)
@@ -225,6 +228,7 @@ class CpuBackend(SparseBackend):
     def gather_dot(self, g, idx, W):
         if not _native(W):
             return super().gather_dot(g, idx, W)
+        check_indices(idx, W.shape[0])
         B, K = idx.shape
         d = W.shape[1]
         g, idx, Ws = _f32(g), _i32(idx), _storage(W)
@@ -238,6 +242,7 @@ class CpuBackend(SparseBackend):
         ref = xc if xc is not None else g
         if not _native(ref):
             return super().latent_backward(idx, n, dp, xc, v, g, grad_dtype)
+        check_indices(idx, n)
         d = ref.shape[1]
         idx = _i32(idx)
         # Gradients of bf16 weights are written in bf16 by the kernel (one rounding of the fp32 sums);

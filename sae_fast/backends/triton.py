@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ..checks import check_indices
 from .base import SparseBackend
 
 if importlib.util.find_spec("triton") is None:  # ops.py then leaves the backend unregistered
@@ -94,16 +95,19 @@ class TritonBackend(SparseBackend):
     def sparse_decode(self, values, idx, W, bias=None):
         if not self._native(W):
             return super().sparse_decode(values, idx, W, bias)
+        check_indices(idx, W.shape[0])
         return self._kernels("decoder").sparse_decode(values, idx, W, bias)
 
     def gather_dot(self, g, idx, W):
         if not self._native(W):
             return super().gather_dot(g, idx, W)
+        check_indices(idx, W.shape[0])
         return self._kernels("decoder").gather_dot(g.contiguous(), idx, W)
 
     # ------------------------------------------------------------------ backward
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
         if not self._native(dp, xc, v, g):
             return super().latent_backward(idx, n, dp, xc, v, g, grad_dtype)
+        check_indices(idx, n)
         return self._kernels("latent_backward").latent_backward(idx, n, dp, xc, v, g, grad_dtype=grad_dtype)
 
