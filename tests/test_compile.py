@@ -5,7 +5,7 @@ import torch
 import sae_fast
 from sae_fast import SparseAutoencoder, ops
 
-from conftest import CPU_BACKENDS, make_sae_tensors
+from helpers import CPU_BACKENDS, make_sae_tensors
 
 
 def _loss(x, W_enc, b_enc, W_dec, b_dec):

@@ -7,7 +7,7 @@ import torch
 import sae_fast
 from sae_fast import ops
 
-from conftest import make_sae_tensors
+from helpers import make_sae_tensors
 
 
 def test_reference_always_available_and_default_for_cpu(monkeypatch):

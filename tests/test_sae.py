@@ -7,7 +7,7 @@ import torch
 import sae_fast
 from sae_fast import SAEConfig, SparseAutoencoder, reference as R
 
-from conftest import CPU_BACKENDS
+from helpers import CPU_BACKENDS
 
 ACTS = ["topk", "batchtopk", "relu", "jumprelu"]
 
