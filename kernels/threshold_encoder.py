@@ -76,7 +76,6 @@ def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, 
         tl.store(idx_ptr + row.to(tl.int64) * stride_ob + offset + j0 + j, i, mask=m)
 
 
-
 # ============================================================================ launchers
 def check_args(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int) -> None:
     B, d = x.shape

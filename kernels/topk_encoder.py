@@ -57,7 +57,6 @@ def _key_latent(key):
     return ((key & 0xFFFFFFFF) ^ 0xFFFFFFFF).to(tl.int32)
 
 
-
 @triton.jit
 def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr, PACKED: tl.constexpr):
     """Merge the tile's scores ``s`` (entries where ``ok``) into the running keys ``run`` (BLOCK_M, KP).
@@ -104,7 +103,6 @@ def _pad_list(BLOCK_M: tl.constexpr, KP: tl.constexpr):
     """An empty running list: KP distinct keys below every real key (score -inf, out-of-range latents)."""
     pads = tl.full((KP,), _PAD_KEY, tl.int64) - 1 - tl.arange(0, KP).to(tl.int64)
     return tl.zeros((BLOCK_M, KP), dtype=tl.int64) + pads[None, :]
-
 
 
 # ============================================================================ kernels
@@ -163,7 +161,6 @@ def _topk_merge_kernel(part_ptr, pre_ptr, idx_ptr, B, S, k, stride_ob,
         tl.store(out + col, _key_score(best).to(pre_ptr.dtype.element_ty), mask=row_ok)
         tl.store(out_idx + col, _key_latent(best), mask=row_ok)
         keys = tl.where(keys == best[:, None], _PAD_KEY, keys)
-
 
 
 # ============================================================================ configs
