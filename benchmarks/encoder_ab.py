@@ -26,15 +26,16 @@ import torch
 import triton
 from triton.testing import do_bench
 
-import sae_fast
-from sae_fast import SparseAutoencoder
-from sae_fast.bench import autocast_copies_sae, device_slug
+from sae_fast import SparseAutoencoder, dispatch
+from sae_fast.bench import DEFAULT_WORKLOADS, autocast_copies_sae, device_slug
+from sae_fast.bench import WORKLOADS as BENCH_WORKLOADS
 from sae_fast.kernels import scan_encoder as scan
 from sae_fast.kernels import threshold_encoder as thr
 from sae_fast.kernels import topk_encoder as topk
 
-WORKLOADS = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64),
-             "w4": (4096, 768, 32768, 64)}  # w4: ReLU at a mean L0 of 64, the threshold encoder
+# (B, d, n, k) of the GPU workloads; the ReLU one (w4, k its mean L0) times the threshold encoder.
+WORKLOADS = {name: BENCH_WORKLOADS[name].shape for name in DEFAULT_WORKLOADS["cuda"]}
+RELU = {name for name in WORKLOADS if BENCH_WORKLOADS[name].activation == "relu"}
 DEVICE = "cuda"  # tests/test_examples.py dry-runs the script on CPU tensors under TRITON_INTERPRET=1
 
 
@@ -115,16 +116,10 @@ def _sae_step(sae, x):
     return step
 
 
-def _triton_backend():
-    """The registered triton backend: SparseAutoencoder runs it on a GPU, with its ``options``."""
-    with sae_fast.use_backend("triton"):
-        return sae_fast.get_backend(DEVICE)
-
-
 def sae_rows(name, B, d, n, k, best_chunk):
     x = torch.randn(B, d, device=DEVICE)
     rows = []
-    backend = _triton_backend()
+    backend = dispatch.lookup_backend("triton")  # what SparseAutoencoder runs on a GPU, with its options
     variants = [("SAE fwd+bwd, master weights (default)", SparseAutoencoder, 0),
                 ("SAE fwd+bwd, autocast copies of every weight (before)", autocast_copies_sae(), 0)]
     if best_chunk:
@@ -162,7 +157,7 @@ def main():
     start, rows = time.time(), []
     for name in args.workloads:
         B, d, n, k = WORKLOADS[name]
-        if name == "w4":
+        if name in RELU:
             rows += threshold_rows(name, B, d, n, k, args.chunks)
             print(f"{name}: done at {time.time() - start:.0f} s", flush=True)
             continue

@@ -35,15 +35,14 @@ from pathlib import Path
 
 import torch
 
+from sae_fast.bench.workloads import DEFAULT_WORKLOADS
+from sae_fast.bench.workloads import WORKLOADS as BENCH_WORKLOADS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# (B, d, n, k); W4 is ReLU + L1 at a mean L0 of about 64 (its code is padded to the largest row count).
-WORKLOADS = {
-    "W1": dict(B=4096, d=768, n=32768, k=32, act="topk"),
-    "W2": dict(B=4096, d=768, n=131072, k=32, act="topk"),
-    "W3": dict(B=4096, d=4096, n=65536, k=64, act="topk"),
-    "W4": dict(B=4096, d=768, n=32768, k=64, act="relu"),
-}
+# The GPU workloads W1-W4 of sae_fast.bench; W4 is ReLU + L1 at a mean L0 of about 64 (its code is padded to
+# the largest row count).
+WORKLOADS = {name.upper(): BENCH_WORKLOADS[name] for name in DEFAULT_WORKLOADS["cuda"]}
 AUX_K = 32  # AuxK in the fused pass (16-bit inputs): the largest k_aux it takes (topk_encoder.MAX_K_AUX)
 SCAN_CHUNK = 4096  # latents per cuBLAS chunk of the GEMM + scan encoders (scan_encoder)
 W4_MAX_ROW = 256  # W4: padded code width (largest L0 in a batch at a mean of 64), per-split list capacity
@@ -118,7 +117,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     from sae_fast.kernels import decoder, encoder_common, latent_backward, scan_encoder, threshold_encoder, topk_encoder
 
     w = WORKLOADS[workload]
-    B, d, n, k = w["B"], w["d"], w["n"], w["k"]
+    B, d, n, k = w.shape
     dt = DTYPES[dtype_name]
     f32 = torch.float32
     meta = dict(device="meta")
@@ -130,11 +129,11 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     notes = {}  # launch position -> what sets it apart
     with _recording((encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward), dev) as sink:
         c = encoder_common.fold_bias(W_enc, b_enc, b_dec)
-        K = k if w["act"] == "topk" else W4_MAX_ROW
+        K = k if w.activation == "topk" else W4_MAX_ROW
         encoders = [(W_gemm, "")] + ([(W_enc, "W_enc fp32 in the tiles")] if dt != f32 else [])
         for W, text in encoders:
             start = len(sink)
-            if w["act"] == "topk":
+            if w.activation == "topk":
                 topk_encoder.topk_select(x, W, c, k, out_dtype=f32)
                 if topk_encoder.fuses_aux(AUX_K, dt):
                     topk_encoder.topk_select(x, W, c, k, torch.empty(n, dtype=torch.bool, **meta), AUX_K, f32)
@@ -144,7 +143,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
                     threshold_encoder.threshold_compact(*parts, K)
             notes.update(dict.fromkeys(range(start, len(sink)), text))
         if dt != f32:  # the GEMM + scan alternative (EncoderOptions.scan_chunk)
-            for aux in (False, True) if w["act"] == "topk" else (None,):
+            for aux in (False, True) if w.activation == "topk" else (None,):
                 start = len(sink)
                 if aux is None:
                     scan_encoder.threshold_scan_partial(x, W_gemm, c, torch.empty(n, dtype=f32, **meta), W4_MAX_ROW,
@@ -168,7 +167,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         decoder.sparse_decode(values, idx, W_read, b_dec)     # x_hat
         decoder.gather_dot(g, idx, W_read)                    # dv
         decoder.sparse_decode(dp, idx, W_enc)                 # dx
-        if w["act"] == "topk":                                 # one latent-sorted pass for all three
+        if w.activation == "topk":                                 # one latent-sorted pass for all three
             latent_backward.latent_backward(idx, n, dp, xc, values, g, grad_dtype=f32)
         else:                                                  # encoder and decoder nodes separately
             latent_backward.latent_backward(idx, n, values, xc, grad_dtype=f32)

@@ -17,13 +17,15 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from sae_fast.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
 from sae_fast.kernels import latent_backward as lb
 from sae_fast.kernels import threshold_encoder as thr
 from sae_fast.kernels import topk_encoder as topk
 from sae_fast.kernels.encoder_common import Device, EncoderConfig, splits_for
 
-TOPK = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64)}
-RELU = {"w4": (4096, 768, 32768, 64)}
+# (B, d, n, k) of the GPU workloads (k: the ReLU one's mean L0).
+TOPK = {w.name: w.shape for w in map(WORKLOADS.get, DEFAULT_WORKLOADS["cuda"]) if w.activation == "topk"}
+RELU = {w.name: w.shape for w in map(WORKLOADS.get, DEFAULT_WORKLOADS["cuda"]) if w.activation == "relu"}
 
 
 def _time(fn) -> float | str:

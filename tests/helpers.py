@@ -93,12 +93,6 @@ def ref_topk(pre, k):
     return pre.gather(1, idx), idx.to(torch.int32)
 
 
-def triton_backend():
-    """The registered triton backend (the object ops dispatch to), e.g. to set its ``options``."""
-    with sae_fast.use_backend("triton"):
-        return sae_fast.get_backend("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_script(name: str):
     """A script of benchmarks/ (not a package) imported as a module, by path (and registered under ``name``,
     as dataclasses need)."""

@@ -13,7 +13,7 @@ from helpers import ref_topk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_fast import ops
+from sae_fast import dispatch, ops
 from sae_fast import reference as R
 
 pytest.importorskip("sae_fast._C", reason="sae_fast._C not built (source checkout)")
@@ -21,7 +21,7 @@ from sae_fast.backends import cpu as cpu_mod  # noqa: E402  (must import wheneve
 from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.backends.base import pad_rows as TORCH_PAD
 
-CPU = ops._BACKENDS["cpu"]
+CPU = dispatch.lookup_backend("cpu")
 TORCH = SparseBackend()
 
 

@@ -15,13 +15,12 @@ from helpers import (
     grads_match,
     make_sae_tensors,
     ref_grads,
-    triton_backend,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sae_fast
-from sae_fast import ops
+from sae_fast import dispatch, ops
 from sae_fast import reference as R
 
 BACKENDS = CPU_BACKENDS + INTERPRETED_TRITON
@@ -152,7 +151,7 @@ def _spy_triton_encoder_weights(monkeypatch, master_in_kernel):
     from sae_fast.backends.triton import EncoderOptions
     from sae_fast.kernels import threshold_encoder, topk_encoder
 
-    monkeypatch.setattr(triton_backend(), "options", EncoderOptions(master_in_kernel=master_in_kernel))
+    monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(master_in_kernel=master_in_kernel))
     seen = []
     for module, name in ((topk_encoder, "topk_select"), (threshold_encoder, "threshold_select")):
         original = getattr(module, name)

@@ -5,11 +5,12 @@ runs it with the benchmark).
 """
 import pytest
 import torch
-from helpers import make_sae_tensors, triton_backend
+from helpers import make_sae_tensors
 
 import sae_fast
-from sae_fast import ops
+from sae_fast import dispatch, ops
 from sae_fast import reference as R
+from sae_fast.bench.workloads import WORKLOADS
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 DEV = "cuda"
+W1, W2 = WORKLOADS["w1"], WORKLOADS["w2"]
 
 
 def _truth(x, W_enc, b_enc, b_dec):
@@ -29,7 +31,7 @@ def test_triton_is_the_default_for_cuda_tensors(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,d,n,k", [(4096, 768, 32768, 32), (1000, 1024, 65536, 64), (333, 129, 5000, 1)])
+@pytest.mark.parametrize("B,d,n,k", [W1.shape, (1000, 1024, 65536, 64), (333, 129, 5000, 1)])
 def test_topk_selects_the_true_top_k(dtype, B, d, n, k):
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, dtype, requires_grad=False, device=DEV)
     with sae_fast.use_backend("triton"):
@@ -71,7 +73,7 @@ def test_topk_sae_gradients_match_reference(dtype, tol):
 
 
 def test_backward_is_bitwise_deterministic():
-    tensors = make_sae_tensors(4096, 768, 32768, torch.bfloat16, device=DEV)
+    tensors = make_sae_tensors(W1.batch, W1.d, W1.n, torch.bfloat16, device=DEV)
 
     def grads():
         with sae_fast.use_backend("triton"):
@@ -130,11 +132,11 @@ def test_master_weights_in_the_tiles_choose_what_a_bf16_copy_chooses(monkeypatch
     the same latents and scores as the per-call bf16 copy."""
     from sae_fast.backends.triton import EncoderOptions
 
-    x, W_enc, b_enc, _, b_dec = make_sae_tensors(4096, 768, 32768, torch.float32, requires_grad=False, device=DEV)
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(W1.batch, W1.d, W1.n, torch.float32, requires_grad=False, device=DEV)
     x = x.bfloat16()
     runs = []
     for in_kernel in (False, True):
-        monkeypatch.setattr(triton_backend(), "options", EncoderOptions(master_in_kernel=in_kernel))
+        monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(master_in_kernel=in_kernel))
         with sae_fast.use_backend("triton"):
             runs.append(ops.topk_encode(x, W_enc, b_enc, b_dec, 32))
     assert torch.equal(runs[0][1], runs[1][1])
@@ -147,7 +149,7 @@ def test_autocast_training_step_gets_fp32_gradients_without_weight_copies():
     decoder gathers read the fp32 W_dec, see ops._gathered)."""
     from sae_fast import SparseAutoencoder
 
-    d, n = 768, 131072
+    d, n = W2.d, W2.n
     sae = SparseAutoencoder(d, n, "topk", k=32, k_aux=0, seed=0, device=DEV)
     x = torch.randn(2048, d, device=DEV)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -181,7 +183,7 @@ def test_gemm_scan_selects_the_true_top_k(chunk):
     from sae_fast.kernels.encoder_common import fold_bias
     from sae_fast.kernels.scan_encoder import topk_scan
 
-    B, d, n, k = 4096, 768, 32768, 32
+    B, d, n, k = W1.shape
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, torch.bfloat16, requires_grad=False, device=DEV)
     dead = torch.arange(n, device=DEV) % 5 == 0
     c = fold_bias(W_enc, b_enc, b_dec)

@@ -22,20 +22,19 @@ from helpers import (  # noqa: E402
     load_script,
     make_sae_tensors,
     ref_grads,
-    ref_topk,
-    triton_backend,
+    ref_topk,  # noqa: E402
 )
 
 import sae_fast  # noqa: E402
-from sae_fast import ops  # noqa: E402
-from sae_fast import reference as R
+from sae_fast import dispatch, ops  # noqa: E402
+from sae_fast import reference as R  # noqa: E402
 from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.backends.triton import EncoderOptions  # noqa: E402
 from sae_fast.kernels import decoder as dec  # noqa: E402
-from sae_fast.kernels import latent_backward as lb
-from sae_fast.kernels import scan_encoder as scan
+from sae_fast.kernels import latent_backward as lb  # noqa: E402
+from sae_fast.kernels import scan_encoder as scan  # noqa: E402
 from sae_fast.kernels import threshold_encoder as thr  # noqa: E402
-from sae_fast.kernels import topk_encoder as topk
+from sae_fast.kernels import topk_encoder as topk  # noqa: E402
 from sae_fast.kernels.encoder_common import EncoderConfig, fold_bias  # noqa: E402
 
 # The backend's tests against reference.py (every activation, gradients, master weights, fuzzed shapes) are
@@ -121,7 +120,7 @@ def test_scan_ties_lower_index_wins_across_chunks(chunk):
 def test_scan_is_what_ops_run_when_chunked(monkeypatch, k):
     """With options.scan_chunk set, ops on 16-bit x go through topk_scan: the whole TopK SAE against
     reference.py."""
-    monkeypatch.setattr(triton_backend(), "options", EncoderOptions(scan_chunk=16))
+    monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(scan_chunk=16))
     calls = []
     original = scan.topk_scan
     monkeypatch.setattr(scan, "topk_scan", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -160,7 +159,7 @@ def test_threshold_scan_lists_every_entry_in_latent_order(chunk):
 
 @pytest.mark.parametrize("act", ["relu", "threshold", "jumprelu"])
 def test_threshold_scan_is_what_ops_run_when_chunked(monkeypatch, act):
-    monkeypatch.setattr(triton_backend(), "options", EncoderOptions(scan_chunk=16))
+    monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(scan_chunk=16))
     calls = []
     original = scan.threshold_scan
     monkeypatch.setattr(scan, "threshold_scan", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -291,7 +290,7 @@ def test_latent_backward_skips_zero_padding():
 
 # ----------------------------------------------------------------------------- dispatch and fallbacks
 def test_cpu_tensors_need_the_interpreter_and_are_never_the_default(monkeypatch):
-    backend = triton_backend()
+    backend = dispatch.lookup_backend("triton")
     monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
     assert backend.supports(torch.device("cpu"))
     assert ops.get_backend("cpu").name != "triton"
