@@ -2,7 +2,7 @@
 
 CPU tensors are accepted only when the process started with ``TRITON_INTERPRET=1`` (Triton's
 interpreter runs the same kernels in numpy; that is how they are tested without a GPU) and only when
-forced: ops.py never picks this backend for CPU tensors by default. Triton and the kernels are imported
+forced: dispatch.py never picks this backend for CPU tensors by default. Triton and the kernels are imported
 on first use, so importing this module is cheap and needs no GPU. Primitives fall back to the
 plain-torch ``SparseBackend`` for float64 (no tensor cores) and for k above ``topk_encoder.MAX_K``; an
 AuxK list the encoder pass does not take (``topk_encoder.fuses_aux``) comes from a GEMM over the dead rows.
@@ -19,7 +19,7 @@ import torch
 
 from .base import SparseBackend
 
-if importlib.util.find_spec("triton") is None:  # ops.py then leaves the backend unregistered
+if importlib.util.find_spec("triton") is None:  # dispatch.py then leaves the backend unregistered
     raise ImportError("triton is not installed (pip install 'sae-fast[triton]')")
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
