@@ -88,10 +88,13 @@ def test_training_forward_pass_matches_unpatched(shape, arch, dead):
     B, d, n = shape
     cls, cfg_cls, cfg = TRAINING[arch]
     theirs_sae = _sae(cls, cfg_cls, d, n, **cfg)
-    ours_sae = copy.deepcopy(theirs_sae)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, d, generator=g)
     mask = torch.rand(n, generator=g) < 0.4 if dead else None
+    if dead:  # as dead latents are: mostly negative pre-activations (SAELens' AuxK does not ReLU them)
+        with torch.no_grad():
+            theirs_sae.b_enc[mask] -= torch.rand(int(mask.sum()), generator=g) * 2
+    ours_sae = copy.deepcopy(theirs_sae)
     coefficients = {name: c.value for name, c in theirs_sae.get_coefficients().items()}
     theirs, t_grads = _step(theirs_sae, x, mask, coefficients)
     with patch_sae_lens.patched():

@@ -221,4 +221,4 @@ def active_coo(values: Tensor, idx: Tensor, n: int) -> Tensor:
     values, idx = values.detach(), idx.long()
     rows, slots = (values != 0).nonzero(as_tuple=True)
     return torch.sparse_coo_tensor(torch.stack([rows, idx[rows, slots]]), values[rows, slots],
-                                   (values.shape[0], n), check_invariants=False).coalesce()
+                                   (values.shape[0], n), check_invariants=False)

@@ -97,7 +97,9 @@ class _Code:
             rows = torch.arange(B, device=self.values.device).repeat_interleave(K)
             return torch.sparse_coo_tensor(torch.stack([rows, self.indices.reshape(-1).long()]),
                                            self.values.reshape(-1), (B, n), check_invariants=False)
-        return reference.sparse_to_dense(self.values, self.indices, n).reshape(*self.lead, n)
+        # (zeros, scattered into in place: reference.sparse_to_dense's out-of-place scatter copies B*d_sae more)
+        dense = self.values.new_zeros(self.values.shape[0], n).scatter_add_(-1, self.indices.long(), self.values)
+        return dense.reshape(*self.lead, n)
 
 
 # ============================================================================ losses
