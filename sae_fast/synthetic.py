@@ -24,8 +24,14 @@ class SparseDictionaryData:
         return x + self.noise * torch.randn(x.shape, generator=self.gen)
 
 
-def recovery(W_dec: Tensor, features: Tensor) -> float:
-    """Mean over ground-truth features of the best cosine similarity with any decoder row (1 = all found)."""
+def best_cosines(W_dec: Tensor, features: Tensor) -> list[float]:
+    """For each ground-truth feature (unit rows of ``features``), its best cosine similarity with any decoder row."""
     W = W_dec.detach().float()
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (features @ W.T).max(dim=1).values.mean().item()
+    return (features @ W.T).max(dim=1).values.tolist()
+
+
+def recovery(W_dec: Tensor, features: Tensor) -> float:
+    """Mean over ground-truth features of the best cosine similarity with any decoder row (1 = all found)."""
+    cosines = best_cosines(W_dec, features)
+    return sum(cosines) / len(cosines)

@@ -10,8 +10,9 @@ from .collect import collect_text
 from .corpus import default_corpus, read_corpus, window_batches
 from .hooks import LayerCapture, capture, middle_layer, resolve_layers
 from .model import DEFAULT_LAYER, default_model_path, load_model
+from .normalization import read_normalization, save_normalization
 from .store import ActivationStore, normalization_scale
 
 __all__ = ["collect_text", "default_corpus", "read_corpus", "window_batches", "LayerCapture", "capture",
            "middle_layer", "resolve_layers", "DEFAULT_LAYER", "default_model_path", "load_model",
-           "ActivationStore", "normalization_scale"]
+           "ActivationStore", "normalization_scale", "read_normalization", "save_normalization"]

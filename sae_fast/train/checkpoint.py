@@ -18,26 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..activations.normalization import save_normalization
 from ..io import atomic_dir_write, load_sae, save_sae
 
 FORMAT = "sae-fast-train-checkpoint"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def save_normalization(folder, layer: str, scale: float, d: int) -> None:
-    (Path(folder) / "normalization.json").write_text(json.dumps({
-        "layer": layer, "scale": scale, "target_mean_squared_norm": d,
-        "note": "the SAE reads model activations multiplied by scale; divide its reconstructions by scale "
-                "to get back to the model's units"}, indent=2) + "\n")
-
-
-def read_normalization(folder) -> tuple[float, str | None]:
-    """(scale, layer) from the normalization.json ``save_normalization`` wrote; (1.0, None) without one."""
-    path = Path(folder) / "normalization.json"
-    if not path.is_file():
-        return 1.0, None
-    meta = json.loads(path.read_text())
-    return float(meta.get("scale", 1.0)), meta.get("layer")
 
 
 def save_checkpoint(root, step: int, state: dict, saes: dict, optimizers: dict, scales: dict, keep: int = 2) -> Path:

@@ -25,7 +25,8 @@ from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_normalization
+from ..activations.normalization import save_normalization
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_curves
 from .schedule import lr_factor, sparsity_factor
