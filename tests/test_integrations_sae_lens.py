@@ -116,6 +116,28 @@ def test_training_forward_pass_matches_unpatched(shape, arch, dead):
         torch.testing.assert_close(ours_sae.topk_threshold, theirs_sae.topk_threshold, **TOL)
 
 
+@pytest.mark.parametrize("arch", ["topk-rescale", "batchtopk", "jumprelu-step", "standard"])
+def test_training_forward_pass_under_bf16_autocast(arch):
+    """SAETrainer(autocast=True): the ops run in bf16 over the fp32 weights; close to SAELens' bf16 matmuls."""
+    cls, cfg_cls, cfg = TRAINING[arch]
+    theirs_sae = _sae(cls, cfg_cls, 32, 256, **cfg)
+    ours_sae = copy.deepcopy(theirs_sae)
+    g = torch.Generator().manual_seed(7)
+    x, mask = torch.randn(64, 32, generator=g), torch.rand(256, generator=g) < 0.3
+    coefficients = {name: c.value for name, c in theirs_sae.get_coefficients().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = theirs_sae.training_forward_pass(TrainStepInput(x, coefficients, mask, 0, False))
+        with patch_sae_lens.patched():
+            ours = ours_sae.training_forward_pass(TrainStepInput(x, coefficients, mask, 0, False))
+    assert ours.sae_out.dtype == theirs.sae_out.dtype
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=0, rtol=1e-2)
+    o_grads, t_grads = _grads(ours_sae, ours.loss), _grads(theirs_sae, theirs.loss)
+    for name, t in t_grads.items():
+        assert o_grads[name].dtype == t.dtype == torch.float32
+        # bf16 rounding moves a few selections and threshold-window memberships: close in direction.
+        assert float(torch.nn.functional.cosine_similarity(o_grads[name].flatten(), t.flatten(), 0)) > 0.95, name
+
+
 INFERENCE = {
     "TopKSAE": (saes.TopKSAE, saes.TopKSAEConfig, dict(k=5)),
     "TopKSAE-rescale": (saes.TopKSAE, saes.TopKSAEConfig, dict(k=5, rescale_acts_by_decoder_norm=True)),

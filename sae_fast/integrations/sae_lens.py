@@ -59,7 +59,7 @@ class _Code:
         self.values = self.indices = self.x_hat = None
         self.aux_indices = self.l0 = None
 
-    def encode(self, sae, decode: bool, dead_mask=None, k_aux: int = 0) -> "_Code":
+    def encode(self, sae, decode: bool, dead_mask=None, k_aux: int = 0) -> _Code:
         family, args = _FAMILY[type(sae)], (self.x, self.W_enc, self.b_enc, self.centre)
         if family == "topk" and decode:  # one fused node: encode, decode and AuxK's dead top-k
             res = ops.topk_sae(self.x, self.W_enc, self.b_enc, self.W_dec, self.centre, sae.cfg.k, dead_mask, k_aux)
@@ -85,8 +85,10 @@ class _Code:
         return self
 
     def sae_out(self, sae):
-        """The reconstruction as SAELens' decode returns it (normaliser undone, hook_z shape restored)."""
-        out = sae.run_time_activation_norm_fn_out(self.x_hat.reshape(*self.lead, self.x.shape[1]))
+        """The reconstruction as SAELens' decode returns it (normaliser undone, hook_z shape restored; under
+        autocast in the dtype of its 16-bit matmul plus the fp32 b_dec, i.e. fp32)."""
+        x_hat = self.x_hat.to(torch.promote_types(self.x_hat.dtype, sae.b_dec.dtype))
+        out = sae.run_time_activation_norm_fn_out(x_hat.reshape(*self.lead, self.x.shape[1]))
         return sae.reshape_fn_out(out, sae.d_head)
 
     def feature_acts(self, sae):
