@@ -1,8 +1,7 @@
 """Build sae_fast's compiled modules with CMake. Switches, read once from the environment:
 
-    SAE_FAST_CUDA=auto|0|1     build sae_fast._C_cuda from csrc/cuda (auto: only when nvcc is found)
-    SAE_FAST_CUDA_ARCHS=80;90  CUDA architectures
     SAE_FAST_NATIVE=1|0        -march=native for the CPU kernels (0 for wheels that travel)
+    SAE_FAST_WERROR=0|1        compile with -Wall -Wextra -Werror (CI)
     SAE_FAST_BUILD_TYPE=Release
     SAE_FAST_JOBS=<n>          parallel compile jobs
 The C++ core needs no torch to build: kernels take raw pointers and sizes.
@@ -17,9 +16,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 ENV = {
-    "cuda": os.environ.get("SAE_FAST_CUDA", "auto"),
-    "archs": os.environ.get("SAE_FAST_CUDA_ARCHS", "80;90"),
     "native": os.environ.get("SAE_FAST_NATIVE", "1"),
+    "werror": os.environ.get("SAE_FAST_WERROR", "0"),
     "build_type": os.environ.get("SAE_FAST_BUILD_TYPE", "Release"),
     "jobs": os.environ.get("SAE_FAST_JOBS", str(os.cpu_count() or 1)),
 }
@@ -42,9 +40,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DSAE_FAST_OUTPUT_DIR={out_dir}",
-            f"-DSAE_FAST_CUDA={ENV['cuda']}",
-            f"-DSAE_FAST_CUDA_ARCHS={ENV['archs']}",
             f"-DSAE_FAST_NATIVE={'ON' if ENV['native'] == '1' else 'OFF'}",
+            f"-DSAE_FAST_WERROR={'ON' if ENV['werror'] == '1' else 'OFF'}",
         ]
         try:
             import ninja  # noqa: F401

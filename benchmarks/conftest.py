@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import sae_fast
-from sae_fast.bench import fused_backends
+from sae_fast.bench import WORKLOADS, fused_backends, sae_tensors
 
 DEVICE = torch.device(os.environ.get("SAE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-# (B, d, n, k). A few shapes per device: small, and the DESIGN.md workload for the device.
+# (B, d, n, k). A few shapes per device: small, and the benchmark workloads for the device (sae_fast.bench.WORKLOADS).
 SHAPES = {
     "tiny": [(33, 16, 96, 4)],
-    "cpu": [(256, 128, 4096, 16), (1024, 384, 16384, 32)],
-    "cuda": [(1024, 768, 32768, 32), (4096, 768, 32768, 32), (4096, 768, 131072, 32)],
+    "cpu": [(256, 128, 4096, 16), WORKLOADS["cpu"].shape],
+    "cuda": [(1024, 768, 32768, 32), WORKLOADS["w1"].shape, WORKLOADS["w2"].shape],
 }
 
 
@@ -46,12 +46,9 @@ def dtype() -> torch.dtype:
 
 
 def make_inputs(B, d, n, k, requires_grad=False, seed=0):
-    """x, W_enc, b_enc, W_dec, b_dec on DEVICE in the benchmark dtype (unit decoder rows, tied encoder)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g)
-    W_dec = torch.randn(n, d, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    out = [t.to(DEVICE, dtype()) for t in (x, W_dec.clone(), torch.zeros(n), W_dec, torch.zeros(d))]
+    """x, W_enc, b_enc, W_dec, b_dec on DEVICE in the benchmark dtype: `sae-fast bench`'s tensors (sae_tensors:
+    unit decoder rows, tied encoder, zero biases)."""
+    out = [t.to(DEVICE, dtype()) for t in sae_tensors(B, d, n, seed=seed)]
     if requires_grad:
         for t in out[1:]:
             t.requires_grad_(True)

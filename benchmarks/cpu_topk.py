@@ -26,15 +26,10 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 import torch  # noqa: E402
 
 import sae_fast  # noqa: E402
-from sae_fast import ops, reference  # noqa: E402
+from sae_fast import ops  # noqa: E402
+from sae_fast.bench import WORKLOADS, sae_tensors  # noqa: E402
 
-
-def make_weights(B, d, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g)
-    W_dec = torch.randn(n, d, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    return x, W_dec.clone(), torch.randn(n, generator=g) * 0.01, W_dec, torch.randn(d, generator=g) * 0.01
+BIAS_STD = 0.01  # small random biases, so the selection is not the bias-free one
 
 
 def sae_fast_step(backend, x, params, k, dead=None, k_aux=0):
@@ -90,9 +85,8 @@ def peak_memory(backend, B, d, n, k):
     code = f"""
 import torch, sae_fast, sys
 from sae_fast import ops
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-from cpu_topk import make_weights
-x, W_enc, b_enc, W_dec, b_dec = make_weights({B}, {d}, {n})
+from sae_fast.bench import sae_tensors
+x, W_enc, b_enc, W_dec, b_dec = sae_tensors({B}, {d}, {n}, bias_std={BIAS_STD})
 def fwd():
     with torch.no_grad(), sae_fast.use_backend({backend!r}):
         return ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, {k})
@@ -111,18 +105,19 @@ print((status('VmHWM:') - before) / 1024)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--B", type=int, default=1024)
-    p.add_argument("--d", type=int, default=384)
-    p.add_argument("--n", type=int, default=16384)
-    p.add_argument("--k", type=int, default=32)
+    w = WORKLOADS["cpu"]  # `sae-fast bench`'s CPU workload
+    p.add_argument("--B", type=int, default=w.batch)
+    p.add_argument("--d", type=int, default=w.d)
+    p.add_argument("--n", type=int, default=w.n)
+    p.add_argument("--k", type=int, default=w.k)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="interleaved passes over all rows")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row and round")
-    p.add_argument("--memory-n", type=int, nargs="*", default=[16384, 65536], help="n values for the memory rows")
+    p.add_argument("--memory-n", type=int, nargs="*", default=[w.n, 4 * w.n], help="n values for the memory rows")
     p.add_argument("--out", help="write the table (Markdown) here and the numbers next to it as .json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    weights = make_weights(a.B, a.d, a.n)
+    weights = sae_tensors(a.B, a.d, a.n, bias_std=BIAS_STD)
     x = weights[0]
     params = [t.clone().requires_grad_() for t in weights[1:]]
     xc = x - weights[4]

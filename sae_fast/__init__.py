@@ -13,10 +13,11 @@ if "torch" not in _sys.modules:
     # passive; 30 vs 34 ms on idle cores). Read once when torch loads libgomp; set it yourself to override.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import ops, reference  # noqa: E402
-from .ops import available_backends, get_backend, use_backend  # noqa: E402
+# io registers the SAELens and sparsify folder formats, so SparseAutoencoder.load reads them too.
+from . import io, ops, reference  # noqa: E402
+from .dispatch import available_backends, get_backend, use_backend  # noqa: E402
 from .sae import SAEConfig, SAEOutput, SparseAutoencoder  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "SparseAutoencoder", "SAEConfig", "SAEOutput", "use_backend",
+__all__ = ["ops", "reference", "io", "SparseAutoencoder", "SAEConfig", "SAEOutput", "use_backend",
            "available_backends", "get_backend", "__version__"]

@@ -13,7 +13,7 @@ def _info(args) -> int:
     import torch
 
     import sae_fast
-    from sae_fast import ops
+    from sae_fast import dispatch
 
     info = {
         "sae_fast": sae_fast.__version__,
@@ -21,11 +21,17 @@ def _info(args) -> int:
         "python": platform.python_version(),
         "cpu threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "backends": ops.available_backends(),
-        "default backend (cpu tensors)": ops.get_backend("cpu").name,
+        "backends": dispatch.describe_backends(),  # name -> what it runs on here
+        "default backend (cpu tensors)": dispatch.get_backend("cpu").name,
     }
+    if torch.cuda.is_available():
+        info["default backend (cuda tensors)"] = dispatch.get_backend("cuda").name
     for key, value in info.items():
-        print(f"{key:>30}: {value}")
+        if isinstance(value, dict):  # one line per entry, under the key
+            for i, (name, text) in enumerate(value.items()):
+                print(f"{key if i == 0 else '':>30}{':' if i == 0 else ' '} {name}: {text}")
+        else:
+            print(f"{key:>30}: {value}")
     return 0
 
 
@@ -218,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default=None,
                    help="comma-separated names from cpu, w1, w2, w3, w4 (default: cpu on CPU, w1-w4 on CUDA "
                         "and for --model)")
-    p.add_argument("--quick", action="store_true", help="small shapes (B=128 d=64 n=1024 k<=8) and 3 repeats: a smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes (B=128 d=64 n=1024 k<=8) and 3 repeats: a smoke run")
     p.add_argument("--batch", type=int, default=None, help="override the workload's batch (tokens per step)")
     p.add_argument("--d", type=int, default=None, help="override the activation width")
     p.add_argument("--n", type=int, default=None, help="override the number of latents")
@@ -230,14 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sae-fast backends (default: reference and every available backend "
                         "that runs on the device)")
     p.add_argument("--peers", default="all", help="all (default), none, or a comma-separated list of sparsify,saelens")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per phase (default: 10 CPU, 20 CUDA, 3 quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per phase (default: 10 CPU, 20 CUDA, 3 quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 2 CPU, 5 CUDA, 1 quick)")
     p.add_argument("--order", choices=("interleaved", "sequential"), default=None,
                    help="interleaved: build every row, then time them round-robin call by call (fair on a shared "
                         "machine; default on CPU); sequential: one row at a time (less memory; default on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/Markdown/PNG results (default: benchmarks/results); - to save nothing")
-    p.add_argument("--model", default=None, metavar="GPU", help="print the roofline MODEL for h100 or h200 instead of measuring")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for the JSON/Markdown/PNG results (default: benchmarks/results); - to save nothing")
+    p.add_argument("--model", default=None, metavar="GPU",
+                   help="print the roofline MODEL for h100 or h200 instead of measuring")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
@@ -292,9 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
-    from sae_fast import bench
+    from sae_fast.bench import roofline_report, runner
     try:
-        return bench.main(args)
+        if args.model:  # the roofline MODEL of a named GPU: nothing is measured
+            return roofline_report.main(args)
+        return runner.main(args)
     except ValueError as exc:  # bad flags: say which, without a traceback
         print(f"sae-fast bench: {exc}", file=sys.stderr)
         return 2

@@ -1,25 +1,30 @@
-"""Differentiable sparse-autoencoder ops and the one place that chooses a backend.
+"""Differentiable sparse-autoencoder ops, the package's public kernels API.
 
-Backends:
-    reference  reference.py differentiated by torch autograd: dense (B, n) pre-activations; the spec.
-    torch      plain-torch sparse primitives (backends/base.py), chunked over latents, any device.
-    cpu        sae_fast._C, C++/OpenMP kernels for CPU tensors.
-    triton     Triton kernels for CUDA tensors (CPU tensors only when forced, under TRITON_INTERPRET=1).
-
-Default per device: cpu tensors -> cpu; cuda tensors -> triton; anything else -> torch.
-Force one with ``SAE_FAST_BACKEND=<name>`` or ``with sae_fast.use_backend("<name>"):``.
+Every op checks its inputs (checks.py), asks dispatch.py for the backend of the tensors' device, and then
+either runs reference.py's dense math (the ``reference`` backend, differentiated by autograd) or an
+autograd Function below whose primitives run as torch.library custom ops (custom_ops.py) on that backend.
+Backends, their defaults per device and how to force one: see dispatch.py.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import library, reference
-from .backends.base import SparseBackend
+from . import custom_ops, reference
+from .backends.base import cast_or_none
+from .checks import (
+    check_code,
+    check_dead_mask,
+    check_encoder,
+    check_float,
+    check_index_range,
+    check_k,
+    is_master,
+    set_check_finite,
+)
+from .dispatch import ReferenceBackend, available_backends, get_backend, register_backend, use_backend
 
 try:  # newer torch; with older ones eager code decides as before, and compiling ops._gathered on a
     # data-dependent code width may fail to guard
@@ -27,181 +32,13 @@ try:  # newer torch; with older ones eager code decides as before, and compiling
 except ImportError:
     guard_or_false = bool
 
-
-# ============================================================================ registry and dispatch
-class ReferenceBackend:
-    """Marker: ops run reference.py directly and let autograd differentiate the dense math."""
-
-    name = "reference"
-
-    def supports(self, device: torch.device) -> bool:
-        return True
-
-
-_BACKENDS: dict[str, object] = {}
-_DEFAULT_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
-# Process-wide (a plain global, not a ContextVar: torch.compile reads it and guards on its value).
-_forced: str | None = None
-
-
-def register_backend(backend) -> None:
-    _BACKENDS[backend.name] = backend
-    library._registry[backend.name] = backend
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that imported on this machine."""
-    return list(_BACKENDS)
-
-
-def _lookup(name: str):
-    if name not in _BACKENDS:
-        raise ValueError(f"backend {name!r} is not available here; available backends: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Force a backend for the ops called inside the block (overrides ``SAE_FAST_BACKEND``)."""
-    global _forced
-    _lookup(name)
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-_dispatched: dict[str, library.Dispatched] = {}
-
-
-def _kernels(backend) -> library.Dispatched:
-    """The backend's primitives behind torch.library custom ops (what the autograd Functions call)."""
-    if backend.name not in _dispatched:
-        _dispatched[backend.name] = library.Dispatched(backend.name)
-    return _dispatched[backend.name]
-
-
-def get_backend(device: torch.device | str):
-    """The backend ops will use for tensors on ``device``."""
-    device = torch.device(device)
-    name = _forced or os.environ.get("SAE_FAST_BACKEND") or None
-    if name:
-        backend = _lookup(name)
-        if not backend.supports(device):
-            raise ValueError(f"backend {name!r} cannot run on device {device.type!r}; "
-                             f"available backends: {', '.join(_BACKENDS)}")
-        return backend
-    for candidate in _DEFAULT_ORDER.get(device.type, ()) + ("torch",):
-        backend = _BACKENDS.get(candidate)
-        if backend is not None and backend.supports(device):
-            return backend
-    return _BACKENDS["reference"]
-
-
-register_backend(ReferenceBackend())
-register_backend(SparseBackend())
-try:  # The C++ module is built by setup.py; a source checkout without a build still works (torch backend).
-    from .backends.cpu import CpuBackend
-    register_backend(CpuBackend())
-except ImportError:
-    pass
-try:
-    from .backends.triton import TritonBackend
-    register_backend(TritonBackend())
-except ImportError:
-    pass
-
-
-# ============================================================================ input checks
-_check_finite = os.environ.get("SAE_FAST_CHECK_FINITE", "1") != "0"
-
-
-def set_check_finite(enabled: bool) -> None:
-    """Turn the NaN/inf check on inputs on or off (one pass over x; on by default)."""
-    global _check_finite
-    _check_finite = bool(enabled)
-
-
-def _fmt(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def is_master(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
-    """fp32 weights beside 16-bit activations: the ops read them as they are ("master weights") and
-    return their gradients in fp32, so mixed-precision training needs no 16-bit copies of the weights."""
-    return weight_dtype == torch.float32 and compute_dtype in _LOW_PRECISION
-
-
-def _check_float(name: str, t, shape: tuple, dtype=None, device=None) -> None:
-    """``shape`` entries are ints, or None for 'any size'. A weight must have ``dtype`` (x's), or be a
-    float32 master weight when ``dtype`` is 16-bit."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got {_fmt(t)}")
-    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-    if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
-        raise ValueError(f"{name} must have shape {want}; got {_fmt(t)}")
-    if dtype is not None and t.dtype != dtype and not is_master(t.dtype, dtype):
-        also = " (or torch.float32 master weights)" if dtype in _LOW_PRECISION else ""
-        raise TypeError(f"{name} must have dtype {dtype} like x{also}; got {_fmt(t)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; put all tensors on one device")
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor of activations; got {_fmt(x)}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be a 2-D (batch, d_in) tensor; got {_fmt(x)}")
-    if x.shape[0] == 0:
-        raise ValueError("x must have at least one row; got an empty batch")
-    # Data-dependent checks would break a torch.compile graph; compiled code skips them.
-    if _check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
-                         "sae_fast.ops.set_check_finite(False))")
-
-
-def _check_encoder(x, W_enc, b_enc, b_dec) -> None:
-    _check_x(x)
-    d = x.shape[1]
-    _check_float("W_enc", W_enc, (None, d), x.dtype, x.device)
-    n = W_enc.shape[0]
-    _check_float("b_enc", b_enc, (n,), x.dtype, x.device)
-    _check_float("b_dec", b_dec, (d,), x.dtype, x.device)
-
-
-def _check_k(name: str, k, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int; got {type(k).__name__}")
-    if not 1 <= k <= n:
-        raise ValueError(f"{name} must be between 1 and n_latents={n}; got {k}")
-
-
-def _check_code(values, indices, W_dec, b_dec) -> None:
-    _check_float("values", values, (None, None))
-    if not isinstance(indices, Tensor):
-        raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be int32 or int64; got {_fmt(indices)}")
-    if indices.shape != values.shape:
-        raise ValueError(f"indices must have the shape of values {tuple(values.shape)}; got {_fmt(indices)}")
-    if indices.device != values.device:
-        raise ValueError(f"indices is on {indices.device} but values is on {values.device}")
-    _check_float("W_dec", W_dec, (None, None), values.dtype, values.device)
-    n, d = W_dec.shape
-    if b_dec is not None:
-        _check_float("b_dec", b_dec, (d,), values.dtype, values.device)
-    # The index range is checked inside the sparse_decode custom op, so compiled code checks it too.
+__all__ = ["topk_encode", "relu_encode", "jumprelu_encode", "batch_topk_encode", "threshold_encode",
+           "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
+           "available_backends", "get_backend", "use_backend", "register_backend", "set_check_finite", "is_master"]
 
 
 # ============================================================================ autograd Functions
+# ``backend`` below is a registered backend's name: the Functions call its primitives through custom_ops.
 def _gemv_for_bias_grad(W_enc: Tensor) -> bool:
     return W_enc.device.type != "cpu"
 
@@ -211,7 +48,7 @@ def _sum_rows(t: Tensor) -> Tensor:
     return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
-def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
+def _encoder_input_grad_sum(backend: str, dp, idx, W_enc, db_enc, dx):
     """sum_b dL/dx[b] through the encoder, = sum_{b,j} dp[b,j] W_enc[idx[b,j]] = db_enc @ W_enc.
 
     On GPUs the GEMV reads W_enc once instead of gathering B*k rows. Not on CPU: MKL's GEMV splits the sum
@@ -220,17 +57,12 @@ def _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx):
         return _sum_rows(dx)
     if db_enc is not None and _gemv_for_bias_grad(W_enc):
         return db_enc.to(W_enc.dtype) @ W_enc
-    return backend.sparse_decode(dp, idx, W_enc).sum(0)
-
-
-def _cast(dtype, *tensors):
-    """The reference backend's view of master weights: rounded to the activations' dtype, as autocast would."""
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    return custom_ops.sparse_decode(backend, dp, idx, W_enc).sum(0)
 
 
 def _like(grads, dtypes):
     """Gradients in their inputs' dtypes (fp32 for master weights, 16-bit for 16-bit activations)."""
-    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes))
+    return tuple(cast_or_none(g, dt) for g, dt in zip(grads, dtypes))
 
 
 def _gathered(W: Tensor, dtype: torch.dtype, rows: int, gathers: int) -> Tensor:
@@ -246,16 +78,17 @@ def _gathered(W: Tensor, dtype: torch.dtype, rows: int, gathers: int) -> Tensor:
 
 
 class _Select(torch.autograd.Function):
-    """Select entries of p = (x - b_dec) @ W_enc.T + b_enc without forming p; returns (pre, idx)."""
+    """Select entries of p = (x - b_dec) @ W_enc.T + b_enc without forming p; returns (pre, idx).
+    ``mode`` names the selection primitive (topk, threshold, batchtopk); ``arg`` is its k or cutoff."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, backend, mode, arg):
         if mode == "topk":
-            pre, idx, _, _ = backend.topk_select(x, W_enc, b_enc, b_dec, arg)
+            pre, idx, _, _ = custom_ops.topk_select(backend, x, W_enc, b_enc, b_dec, arg)
         elif mode == "threshold":
-            pre, idx = backend.threshold_select(x, W_enc, b_enc, b_dec, arg)
+            pre, idx = custom_ops.threshold_select(backend, x, W_enc, b_enc, b_dec, arg)
         else:
-            pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, arg)
+            pre, idx = custom_ops.batch_topk_select(backend, x, W_enc, b_enc, b_dec, arg)
         ctx.backend = backend
         ctx.dtypes = [t.dtype for t in (x, W_enc, b_enc, b_dec)]
         ctx.save_for_backward(x, W_enc, b_dec, pre, idx)
@@ -271,9 +104,10 @@ class _Select(torch.autograd.Function):
         if need_W or need_b_enc:
             # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
             xc = (x - b_dec).to(x.dtype)
-            dW_enc, db_enc, _ = ctx.backend.latent_backward(idx, W_enc.shape[0], dp=dp, xc=xc, grad_dtype=W_enc.dtype)
+            dW_enc, db_enc, _ = custom_ops.latent_backward(ctx.backend, idx, W_enc.shape[0], dp=dp, xc=xc,
+                                                           grad_dtype=W_enc.dtype)
         if need_x:
-            dx = ctx.backend.sparse_decode(dp, idx, W_enc)
+            dx = custom_ops.sparse_decode(ctx.backend, dp, idx, W_enc)
         if need_b_dec:
             db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx)
         grads = _like((dx, dW_enc, db_enc, db_dec), ctx.dtypes)
@@ -289,35 +123,33 @@ class _SparseDecode(torch.autograd.Function):
         W = _gathered(W_dec, values.dtype, idx.numel(), 2 if ctx.needs_input_grad[0] else 1)
         ctx.save_for_backward(values, idx, W)
         # Backends return W's dtype; a decode over master weights comes back in the code's dtype.
-        return backend.sparse_decode(values, idx, W, b_dec).to(values.dtype)
+        return custom_ops.sparse_decode(backend, values, idx, W, b_dec).to(values.dtype)
 
     @staticmethod
     def backward(ctx, g):
         values, idx, W = ctx.saved_tensors
         need_v, _, need_W, need_b = ctx.needs_input_grad[:4]
         g = g.contiguous()
-        dv = ctx.backend.gather_dot(g, idx, W).to(values.dtype) if need_v else None
-        dW_dec = (ctx.backend.latent_backward(idx, W.shape[0], v=values, g=g, grad_dtype=ctx.weight_dtype)[2]
-                  if need_W else None)
+        dv = custom_ops.gather_dot(ctx.backend, g, idx, W).to(values.dtype) if need_v else None
+        dW_dec = (custom_ops.latent_backward(ctx.backend, idx, W.shape[0], v=values, g=g,
+                                             grad_dtype=ctx.weight_dtype)[2] if need_W else None)
         db_dec = _sum_rows(g).to(ctx.bias_dtype) if (need_b and ctx.bias_dtype) else None
         return dv, None, dW_dec, db_dec, None
 
 
 class _TopKSAE(torch.autograd.Function):
     """TopK encode + decode in one node, so the backward makes one latent-sorted pass for dW_enc, db_enc
-    and dW_dec together. Optionally also selects the top-k_aux dead latents (AuxK) in the same pass."""
+    and dW_dec together. Optionally also selects the top-k_aux dead latents (AuxK) in the same pass;
+    without them the aux outputs are (B, 0)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead_mask, k_aux, backend):
-        pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        pre, idx, aux_pre, aux_idx = custom_ops.topk_select(backend, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
         values = torch.relu(pre)
         ctx.dtypes = [t.dtype for t in (x, W_enc, b_enc, W_dec, b_dec)]
         W_dec = _gathered(W_dec, x.dtype, idx.numel(), 2 if any(ctx.needs_input_grad[:5]) else 1)
-        x_hat = backend.sparse_decode(values, idx, W_dec, b_dec).to(x.dtype)
+        x_hat = custom_ops.sparse_decode(backend, values, idx, W_dec, b_dec).to(x.dtype)
         ctx.backend, ctx.n, ctx.k_aux = backend, W_enc.shape[0], k_aux
-        if not k_aux:
-            aux_pre = aux_idx = torch.empty(x.shape[0], 0, dtype=x.dtype, device=x.device)
-            aux_idx = aux_idx.to(reference.INDEX_DTYPE)
         aux_values = torch.relu(aux_pre)
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
@@ -328,7 +160,7 @@ class _TopKSAE(torch.autograd.Function):
         x, W_enc, W_dec, b_dec, pre, idx, values, aux_pre, aux_idx = ctx.saved_tensors
         backend = ctx.backend
         g = torch.zeros_like(x) if g is None else g.contiguous()
-        dv = backend.gather_dot(g, idx, W_dec)
+        dv = custom_ops.gather_dot(backend, g, idx, W_dec)
         if d_values is not None:
             dv = dv + d_values
         dp = dv * (pre > 0)
@@ -342,11 +174,11 @@ class _TopKSAE(torch.autograd.Function):
         dW_enc = db_enc = dW_dec = dx = db_dec = None
         if need_W_enc or need_b_enc or need_W_dec:
             # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
-            dW_enc, db_enc, dW_dec = backend.latent_backward(
-                idx, ctx.n, dp=dp, xc=(x - b_dec).to(x.dtype), v=v if need_W_dec else None, g=g,
+            dW_enc, db_enc, dW_dec = custom_ops.latent_backward(
+                backend, idx, ctx.n, dp=dp, xc=(x - b_dec).to(x.dtype), v=v if need_W_dec else None, g=g,
                 grad_dtype=W_enc.dtype)
         if need_x:
-            dx = backend.sparse_decode(dp, idx, W_enc)
+            dx = custom_ops.sparse_decode(backend, dp, idx, W_enc)
         if need_b_dec:
             db_dec = _sum_rows(g) - _encoder_input_grad_sum(backend, dp, idx, W_enc, db_enc, dx)
         grads = _like((dx, dW_enc, db_enc, dW_dec, db_dec), ctx.dtypes)
@@ -355,27 +187,34 @@ class _TopKSAE(torch.autograd.Function):
 
 
 # ============================================================================ public ops
+def _reference_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """reference.py's dense pre-activations; master weights rounded to x's dtype first, as autocast would."""
+    return reference.pre_activations(x, *(cast_or_none(t, x.dtype) for t in (W_enc, b_enc, b_dec)))
+
+
+def _encode(x, W_enc, b_enc, b_dec, mode: str, arg, spec, finish=None):
+    """The encoders' one path, after their input checks. The reference backend applies ``spec`` (the
+    reference.py activation) to the dense pre-activations; any other backend selects entries with the
+    ``mode`` primitive without forming them and applies ``finish(pre, idx)`` (default: ReLU)."""
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        return spec(_reference_pre(x, W_enc, b_enc, b_dec))
+    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, backend.name, mode, arg)
+    return (torch.relu(pre), idx) if finish is None else finish(pre, idx)
+
+
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """TopK encode: ``values (B, k)`` (ReLU of the k largest pre-activations per row, descending) and
     ``indices (B, k)`` int32. Differentiable in x, W_enc, b_enc and b_dec."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
-    _check_k("k", k, W_enc.shape[0])
-    backend = get_backend(x.device)
-    if isinstance(backend, ReferenceBackend):
-        return reference.topk(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), k)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "topk", k)
-    return torch.relu(pre), idx
+    check_encoder(x, W_enc, b_enc, b_dec)
+    check_k("k", k, W_enc.shape[0])
+    return _encode(x, W_enc, b_enc, b_dec, "topk", k, lambda pre: reference.topk(pre, k))
 
 
 def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
     """ReLU encode as a sparse code (only active entries; see reference.py for the layout)."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
-    backend = get_backend(x.device)
-    if isinstance(backend, ReferenceBackend):
-        return reference.relu(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)))
-    cutoff = torch.zeros_like(b_enc)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
-    return torch.relu(pre), idx
+    check_encoder(x, W_enc, b_enc, b_dec)
+    return _encode(x, W_enc, b_enc, b_dec, "threshold", torch.zeros_like(b_enc), reference.relu)
 
 
 def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, theta: Tensor,
@@ -384,54 +223,45 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thet
 
     With ``return_l0`` also returns the mean number of active latents per row, differentiable in theta
     through the step function's estimator (JumpReLU's sparsity loss)."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
-    _check_float("theta", theta, (W_enc.shape[0],), x.dtype, x.device)
-    backend = get_backend(x.device)
-    if isinstance(backend, ReferenceBackend):
-        pre = reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec))
-        theta = theta.to(x.dtype)
-        values, idx = reference.jumprelu(pre, theta, bandwidth)
-        l0 = reference.l0_step(pre, theta, bandwidth)
-    else:
-        # List every entry inside the estimator's window too, so theta's gradient sees them.
-        cutoff = theta.detach() - bandwidth / 2
-        pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
+    check_encoder(x, W_enc, b_enc, b_dec)
+    check_float("theta", theta, (W_enc.shape[0],), x.dtype, x.device)
+
+    def spec(pre):
+        theta_x = theta.to(x.dtype)
+        return (*reference.jumprelu(pre, theta_x, bandwidth), reference.l0_step(pre, theta_x, bandwidth))
+
+    def finish(pre, idx):
         theta_listed = gather_latents(theta, idx)
-        values = reference.JumpReLUFn.apply(pre, theta_listed, bandwidth)
-        l0 = reference.StepFn.apply(pre, theta_listed, bandwidth).sum(-1).mean()
+        return (reference.JumpReLUFn.apply(pre, theta_listed, bandwidth), idx,
+                reference.StepFn.apply(pre, theta_listed, bandwidth).sum(-1).mean())
+
+    # List every entry inside the estimator's window too, so theta's gradient sees them.
+    values, idx, l0 = _encode(x, W_enc, b_enc, b_dec, "threshold", theta.detach() - bandwidth / 2, spec, finish)
     return (values, idx, l0) if return_l0 else (values, idx)
 
 
 def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """BatchTopK encode (training): the B*k largest pre-activations of the whole batch, ReLU'd."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
-    _check_k("k", k, W_enc.shape[0])
-    backend = get_backend(x.device)
-    if isinstance(backend, ReferenceBackend):
-        return reference.batch_topk(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), k)
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "batchtopk", k)
-    return torch.relu(pre), idx
+    check_encoder(x, W_enc, b_enc, b_dec)
+    check_k("k", k, W_enc.shape[0])
+    return _encode(x, W_enc, b_enc, b_dec, "batchtopk", k, lambda pre: reference.batch_topk(pre, k))
 
 
 def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """BatchTopK at inference: ``p * (p > threshold)`` with one global threshold."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
-    backend = get_backend(x.device)
-    if isinstance(backend, ReferenceBackend):
-        return reference.threshold_relu(reference.pre_activations(x, *_cast(x.dtype, W_enc, b_enc, b_dec)), threshold)
+    check_encoder(x, W_enc, b_enc, b_dec)
     cutoff = torch.full_like(b_enc, max(float(threshold), 0.0))
-    pre, idx = _Select.apply(x, W_enc, b_enc, b_dec, _kernels(backend), "threshold", cutoff)
-    return torch.relu(pre), idx
+    return _encode(x, W_enc, b_enc, b_dec, "threshold", cutoff, lambda pre: reference.threshold_relu(pre, threshold))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
     """``x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec``; differentiable in values, W_dec, b_dec."""
-    _check_code(values, indices, W_dec, b_dec)
+    check_code(values, indices, W_dec, b_dec)
     backend = get_backend(values.device)
     if isinstance(backend, ReferenceBackend):
-        library.check_index_range(indices, W_dec.shape[0])
-        return reference.sparse_decode(values, indices, *_cast(values.dtype, W_dec, b_dec))
-    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, _kernels(backend))
+        check_index_range(indices, W_dec.shape[0])
+        return reference.sparse_decode(values, indices, *(cast_or_none(t, values.dtype) for t in (W_dec, b_dec)))
+    return _SparseDecode.apply(values.contiguous(), indices.contiguous(), W_dec, b_dec, backend.name)
 
 
 def _segment_sum(src: Tensor, idx: Tensor, n: int) -> Tensor:
@@ -490,22 +320,20 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
 
     With ``dead_mask`` (n,) bool and ``k_aux`` > 0 it also returns the top-min(k_aux, #dead) dead latents
     per row, for the AuxK loss."""
-    _check_encoder(x, W_enc, b_enc, b_dec)
+    check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
-    _check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
-    _check_k("k", k, n)
+    check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
+    check_k("k", k, n)
     if dead_mask is not None and k_aux:
-        if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (n,):
-            raise TypeError(f"dead_mask must be a bool tensor of shape ({n},)")
+        check_dead_mask(dead_mask, n)
         k_aux = min(int(k_aux), int(dead_mask.sum()))
     else:
         k_aux = 0
     backend = get_backend(x.device)
     if isinstance(backend, ReferenceBackend):
-        W_enc, b_enc, W_dec, b_dec = _cast(x.dtype, W_enc, b_enc, W_dec, b_dec)
-        pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
+        pre = _reference_pre(x, W_enc, b_enc, b_dec)
         values, idx = reference.topk(pre, k)
-        x_hat = reference.sparse_decode(values, idx, W_dec, b_dec)
+        x_hat = reference.sparse_decode(values, idx, *(cast_or_none(t, x.dtype) for t in (W_dec, b_dec)))
         if k_aux:
             aux_values, aux_idx = reference.dead_topk(pre, dead_mask.to(x.device), k_aux)
         else:
@@ -513,4 +341,4 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
             aux_idx = torch.zeros(x.shape[0], 0, dtype=reference.INDEX_DTYPE, device=x.device)
         return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
     mask = dead_mask.to(x.device) if k_aux else None
-    return TopKSAEResult(*_TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux, _kernels(backend)))
+    return TopKSAEResult(*_TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux, backend.name))

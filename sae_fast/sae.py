@@ -10,17 +10,36 @@ Losses (all reported; ``loss`` is what to backpropagate):
     jumprelu          loss = mse + l0_coeff * l0              (L0 through a straight-through estimator)
 ``mse`` is the squared error summed over d and averaged over tokens; ``fvu`` normalises it by the
 variance of x, so it is comparable across layers and models.
+
+The sae-fast folder format is defined here too (``save_sae``; ``SparseAutoencoder.load`` reads it and,
+through ``sae_fast.folders``, every format registered there: SAELens and sparsify from ``sae_fast.io``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import folders, ops, reference
+from .folders import (
+    CONFIG_FILE,
+    FolderFormat,
+    atomic_dir_write,
+    no_leftovers,
+    parse_dtype,
+    read_json,
+    read_tensors,
+    register_format,
+    take,
+    write_weights_and_config,
+)
+
+FORMAT = "sae-fast"
+WEIGHTS_FILE = "sae.safetensors"
 
 Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
@@ -74,7 +93,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
+    def from_dict(cls, d: dict) -> SAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -101,7 +120,9 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_in: int | None = None, n_latents: int | None = None, activation: Activation = "topk",
                  *, cfg: SAEConfig | None = None, device=None, dtype=None, seed: int | None = None, **kwargs):
         super().__init__()
-        self.cfg = cfg if cfg is not None else SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
+        if cfg is None:
+            cfg = SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
+        self.cfg = cfg
         n, d = self.cfg.n_latents, self.cfg.d_in
         factory = {"device": device, "dtype": dtype or torch.float32}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -262,17 +283,32 @@ class SparseAutoencoder(nn.Module):
         g -= coef * W
 
     # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_weights(cls, cfg: SAEConfig, weights: dict, device=None, dtype: torch.dtype = torch.float32,
+                     buffers: dict | None = None) -> SparseAutoencoder:
+        """An SAE holding ``weights`` (parameter name -> tensor, cast to ``dtype``), built without a
+        throwaway random init. Buffers not in ``buffers`` (training state) get the module's defaults."""
+        with torch.device("meta"):
+            sae = cls(cfg=cfg, dtype=dtype)
+        state = {k: v.to(dtype) for k, v in weights.items()}
+        for name, buf in sae.named_buffers():
+            if name not in state:
+                fresh = torch.full((), -1.0) if name == "threshold" else torch.zeros(buf.shape, dtype=buf.dtype)
+                state[name] = fresh
+        state.update(buffers or {})
+        state = {k: v.to(device if device is not None else "cpu").contiguous() for k, v in state.items()}
+        sae.load_state_dict(state, assign=True)
+        return sae
+
     def save(self, path) -> None:
         """Write ``sae.safetensors`` and ``cfg.json`` into the folder ``path`` (atomically)."""
-        from .io import save_sae
         save_sae(self, path)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, hookpoint: str | None = None) -> "SparseAutoencoder":
+    def load(cls, path, device=None, dtype=None, hookpoint: str | None = None) -> SparseAutoencoder:
         """Load a folder written by ``save``, or a SAELens or sparsify SAE folder (format detected from its
         files; see sae_fast.io). For a run folder with several hookpoints, name one with ``hookpoint=``."""
-        from .io import load_sae
-        sae = load_sae(path, device=device, dtype=dtype, hookpoint=hookpoint)
+        sae = folders.load_sae(path, device=device, dtype=dtype, hookpoint=hookpoint)
         if isinstance(sae, dict):
             if len(sae) != 1:
                 raise ValueError(f"{path} holds SAEs for several hookpoints ({', '.join(sae)}); pass hookpoint=, "
@@ -280,3 +316,41 @@ class SparseAutoencoder(nn.Module):
             (sae,) = sae.values()
         return sae
 
+
+# ============================================================================ the sae-fast folder format
+# sae.safetensors: W_enc (n, d), b_enc (n), W_dec (n, d), b_dec (d), the activation's extra tensors and
+# the training buffers; cfg.json: SAEConfig plus "format": "sae-fast".
+def save_sae(sae: SparseAutoencoder, path) -> Path:
+    """Write ``sae.safetensors`` + ``cfg.json`` (sae-fast format) into the folder ``path``, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    cfg = {"format": FORMAT, **sae.cfg.to_dict()}
+
+    return atomic_dir_write(path, lambda tmp: write_weights_and_config(tmp, tensors, WEIGHTS_FILE, cfg))
+
+
+def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
+    path = Path(path)
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{path} is not an SAE folder: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
+    cfg = read_json(cfg_path)
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path} is not a sae-fast config (format={cfg.get('format')!r})")
+    try:
+        sae_cfg = SAEConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    state = read_tensors(weights_path)
+    n, d = sae_cfg.n_latents, sae_cfg.d_in
+    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    if sae_cfg.activation == "jumprelu":
+        expected["log_threshold"] = (n,)
+    weights = {k: take(state, k, shape, weights_path) for k, shape in expected.items()}
+    buffers = {k: state.pop(k) for k in ("tokens_since_fired", "threshold") if k in state}
+    no_leftovers(state, weights_path, f"a sae-fast {sae_cfg.activation} SAE")
+    dtype = parse_dtype(dtype, weights["W_enc"].dtype)
+    return SparseAutoencoder.from_weights(sae_cfg, weights, device, dtype, buffers=buffers)
+
+
+register_format(FolderFormat(FORMAT, FORMAT, WEIGHTS_FILE, claims=lambda cfg: cfg.get("format") == FORMAT,
+                             load=_load_sae_fast))

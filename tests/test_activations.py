@@ -276,3 +276,56 @@ def test_store_normalisation_and_unfinished_folders(tmp_path):
     half.add({"a": x})
     half.finish()
     assert ActivationStore.open(tmp_path / "h").shard(0)["a"].dtype == torch.bfloat16
+
+
+def test_store_reads_raw_rows_unless_asked_to_normalise():
+    """all() and batches() follow one convention: the rows as recorded, times scales() with normalize=True."""
+    store, x = _fill(ActivationStore(["a", "b"], shard_tokens=128))
+    scales = store.scales()
+    assert scales["a"] != 1.0 and scales["b"] != 1.0
+    raw = next(store.batches(100, seed=1))
+    assert torch.equal(raw["a"], next(store.batches(100, seed=1, normalize=False))["a"])
+    scaled = next(store.batches(100, seed=1, normalize=True))
+    assert torch.equal(scaled["b"], raw["b"] * scales["b"])
+    assert torch.equal(store.all()["a"], x) and torch.equal(store.all(normalize=False)["b"], -x[:, :3])
+    every = store.all(normalize=True)
+    assert torch.equal(every["a"], x * scales["a"]) and torch.equal(every["b"], -x[:, :3] * scales["b"])
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_store_finds_a_layer_with_or_without_its_prefix(tmp_path, on_disk):
+    """scales()["layers.15"] for a store of model.layers.15 (resolve_layers' prefix rule), and the other way."""
+    store = ActivationStore(["model.layers.15", "h.2"], tmp_path / "s" if on_disk else None)
+    store.add({"model.layers.15": torch.full((8, 4), 3.0), "h.2": torch.ones(8, 2)})
+    store.finish()
+    if on_disk:
+        store = ActivationStore.open(tmp_path / "s")
+    scales, rows, batch = store.scales(), store.all(), next(store.batches(4))
+    assert list(scales) == list(rows) == list(batch) == ["model.layers.15", "h.2"]  # resolved names, in order
+    for alias, name in [("layers.15", "model.layers.15"), ("model.layers.15", "model.layers.15"),
+                        ("transformer.h.2", "h.2")]:
+        assert alias in scales and scales[alias] == scales[name] == scales.get(alias)
+        assert torch.equal(rows[alias], rows[name]) and torch.equal(batch[alias], batch[name])
+        assert store.mean_sq_norm(alias) == store.mean_sq_norm(name)
+    assert scales["layers.15"] == pytest.approx(1 / 3) and store.widths["layers.15"] == 4
+    assert "15" not in scales and scales.get("15") is None
+    with pytest.raises(KeyError, match=r"no layer 'layers\.16' in this store; it holds: model\.layers\.15, h\.2"):
+        scales["layers.16"]
+
+
+def test_store_refuses_a_short_name_that_fits_two_layers():
+    store = ActivationStore(["encoder.layer.3", "decoder.layer.3"])
+    store.add({"encoder.layer.3": torch.ones(2, 2), "decoder.layer.3": torch.ones(2, 2)})
+    store.finish()
+    assert store.scales()["decoder.layer.3"] == 1.0
+    with pytest.raises(KeyError, match=r"'layer\.3' fits several layers: encoder\.layer\.3, decoder\.layer\.3"):
+        store.scales()["layer.3"]
+
+
+def test_collect_text_stores_answer_to_the_names_given(gpt2):
+    model, tok = gpt2
+    train, evals = collect_text(model, tok, "transformer.h.0,h.2", ["some text here", "and more text to read"],
+                                max_tokens=10, eval_tokens=4, progress=False)
+    assert train.layers == ["h.0", "h.2"]
+    assert train.scales()["transformer.h.0"] == train.scales()["h.0"]
+    assert torch.equal(evals.all()["transformer.h.0"], evals.all()["h.0"])

@@ -78,7 +78,7 @@ def test_missing_or_failing_peer_is_a_row_not_a_gap(monkeypatch):
             for label, fn in (("peer X", broken), ("peer Y", breaks_in_step))]
     assert rows[0][0].status == "failed" and "no kernel image" in rows[0][0].error
     for phase in bench.PHASES:
-        bench.measure_phase(phase, [(rows[1][0], bench._phase_fn(rows[1][1], phase, setup.x, setup))],
+        bench.measure_phase(phase, [(rows[1][0], bench.phase_call(rows[1][1], phase, setup.x, setup))],
                             setup.device, 0, 1)
     assert rows[1][0].status == "failed" and rows[1][0].error.startswith("in step: ZeroDivisionError")
     assert list(rows[1][0].phases) == ["fwd", "fwd_bwd"]
@@ -113,9 +113,24 @@ def test_peers_compute_the_same_sae_when_installed(tmp_path):
         assert r.xhat_rel_err < 1e-5, r.label
 
 
-def test_peak_memory_on_cpu_sees_a_temporary():
-    peak = bench.peak_memory(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
-    assert peak is None or peak >= 4 << 20  # None only if torch.profiler's result API moved
+def test_peak_memory_on_cpu_is_the_most_bytes_live_at_once_during_the_call():
+    cpu, mib4 = torch.device("cpu"), 4 << 20  # torch.ones(1 << 20): 4 MiB of fp32
+    one = bench.peak_memory(lambda: torch.ones(1 << 20).sum(), cpu)
+    assert one is not None, "torch.profiler's result API moved: the bench would report no CPU memory at all"
+    assert mib4 <= one < 2 * mib4
+
+    def three_live_at_once():
+        a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+        return a + b
+
+    def three_one_after_another():
+        for _ in range(3):
+            torch.ones(1 << 20).sum()  # each freed before the next is made
+
+    assert bench.peak_memory(three_live_at_once, cpu) >= 3 * mib4
+    assert mib4 <= bench.peak_memory(three_one_after_another, cpu) < 2 * mib4  # frees count: a peak, not a sum
+    kept = torch.ones(1 << 20)  # live before the call: not the call's
+    assert bench.peak_memory(lambda: kept.sum(), cpu) < mib4
 
 
 def test_custom_shapes_and_bad_flags(tmp_path, capsys):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sae_fast
-from sae_fast import SparseAutoencoder, ops
+from sae_fast import SparseAutoencoder, custom_ops, ops
 
 from conftest import CPU_BACKENDS, make_sae_tensors
 
@@ -67,3 +67,34 @@ def test_compiled_decode_still_checks_index_range():
     v, bad = torch.rand(4, 3), torch.full((4, 3), 10, dtype=torch.int32)
     with pytest.raises(Exception, match=r"indices must lie in \[0, n_latents=10\)"):
         torch.compile(ops.sparse_decode, backend="aot_eager")(v, bad, W_dec, b_dec)
+
+
+def _custom_op_cases(backend):
+    """Each sae_fast:: custom op on small inputs, every optional half present and absent."""
+    x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(6, 8, 20, requires_grad=False)
+    dead = torch.arange(20) % 3 == 0
+    idx = torch.randint(0, 20, (6, 3), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    v, g = torch.rand(6, 3), torch.randn(6, 8)
+    enc = (backend, x, W_enc, b_enc, b_dec)
+    return [
+        (custom_ops.topk_select, (*enc, 3)),
+        (custom_ops.topk_select, (*enc, 3, dead, 2)),
+        (custom_ops.threshold_select, (*enc, torch.zeros(20))),
+        (custom_ops.batch_topk_select, (*enc, 3)),
+        (custom_ops.sparse_decode, (backend, v, idx, W_dec, b_dec)),
+        (custom_ops.sparse_decode, (backend, v, idx, W_dec, None)),
+        (custom_ops.gather_dot, (backend, g, idx, W_dec)),
+        (custom_ops.latent_backward, (backend, idx, 20, v, g, None, None, None)),
+        (custom_ops.latent_backward, (backend, idx, 20, None, None, v, g, None)),
+        # master weights: fp32 gradients from bf16 rows; the absent half must match its fake's dtype too
+        (custom_ops.latent_backward, (backend, idx, 20, v, g.bfloat16(), v, g.bfloat16(), torch.float32)),
+        (custom_ops.latent_backward, (backend, idx, 20, None, None, v, g.bfloat16(), torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_custom_op_fakes_match_the_kernels(backend):
+    """torch.library.opcheck: every op's fake (what torch.compile traces) gives the shapes and dtypes the
+    real op returns, and the schema and autograd registration are sound."""
+    for op, args in _custom_op_cases(backend):
+        torch.library.opcheck(op, args)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sae_fast import ops, reference as R
+from sae_fast import dispatch, ops, reference as R
 
 pytest.importorskip("sae_fast._C", reason="sae_fast._C not built (source checkout)")
 from sae_fast.backends import cpu as cpu_mod  # noqa: E402  (must import whenever _C does)
 from sae_fast.backends.base import SparseBackend  # noqa: E402
 
-CPU = ops._BACKENDS["cpu"]
+CPU = dispatch.lookup_backend("cpu")
 TORCH = SparseBackend()
 from sae_fast.backends.base import pad_rows as TORCH_PAD  # noqa: E402
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sae_fast
-from sae_fast import ops
+from sae_fast import dispatch, ops
 
 from conftest import make_sae_tensors
 
@@ -49,7 +49,8 @@ def test_context_manager_overrides_env_and_restores(monkeypatch):
 
 
 def test_unknown_backend_lists_available():
-    with pytest.raises(ValueError, match=r"backend 'cuda-magic' is not available here; available backends: .*reference"):
+    unknown = r"backend 'cuda-magic' is not available here; available backends: .*reference"
+    with pytest.raises(ValueError, match=unknown):
         with sae_fast.use_backend("cuda-magic"):
             pass
 
@@ -64,13 +65,49 @@ def test_backend_that_cannot_run_the_device():
 
 def test_forced_backend_is_the_one_that_runs(monkeypatch):
     calls = []
-    backend = ops._BACKENDS["torch"]
+    backend = dispatch.lookup_backend("torch")
     original = type(backend).topk_select
-    monkeypatch.setattr(type(backend), "topk_select", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    monkeypatch.setattr(type(backend), "topk_select",
+                        lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(3, 4, 8)
     with sae_fast.use_backend("torch"):
         ops.topk_encode(x, W_enc, b_enc, b_dec, 2)
     assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- sae-fast info
+def _info_lines(capsys) -> dict[str, str]:
+    from sae_fast import cli
+    assert cli.main(["info"]) == 0
+    first, *rest = capsys.readouterr().out.split("backends:", 1)[1].splitlines()
+    rows = [first] + [line for line in rest if line.startswith(" " * 31)]  # one backend a line, indented
+    return dict(line.strip().split(": ", 1) for line in rows)
+
+
+def test_info_says_what_each_backend_runs_on_here(capsys):
+    lines = _info_lines(capsys)
+    assert set(lines) == set(ops.available_backends()) | set(dispatch.unavailable_backends())
+    assert lines["reference"].startswith("any device")
+    assert lines["torch"].startswith("any device")
+    if "cpu" in lines:
+        assert lines["cpu"].startswith("CPU tensors" if "cpu" in ops.available_backends() else "not available")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_info_says_triton_needs_cuda_or_the_interpreter(capsys, monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    line = _info_lines(capsys)["triton"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert line.startswith(f"installed; CUDA tensors ({f'{gpus} device(s)' if gpus else 'none here'}); ")
+    assert line.endswith("CPU tensors when forced (TRITON_INTERPRET=1 is set)" if interpret == "1"
+                         else "CPU only under TRITON_INTERPRET=1")
+
+
+def test_info_says_why_a_backend_is_missing(capsys, monkeypatch):
+    monkeypatch.delitem(dispatch._BACKENDS, "cpu", raising=False)
+    monkeypatch.setitem(dispatch._MISSING, "cpu", "sae_fast._C is not built")
+    assert _info_lines(capsys)["cpu"] == "not available: sae_fast._C is not built"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -127,7 +164,8 @@ def test_bad_decode_input():
     W_dec, b_dec = torch.randn(10, 6), torch.randn(6)
     v, i = torch.rand(4, 3), torch.randint(0, 10, (4, 3), dtype=torch.int32)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, n_latents=10\); got values in \[0, 10\]"):
-        ops.sparse_decode(v, torch.full((4, 3), 10, dtype=torch.int32).index_fill(1, torch.tensor([0]), 0), W_dec, b_dec)
+        too_big = torch.full((4, 3), 10, dtype=torch.int32).index_fill(1, torch.tensor([0]), 0)
+        ops.sparse_decode(v, too_big, W_dec, b_dec)
     with pytest.raises(ValueError, match="got values in"):
         ops.sparse_decode(v, -i - 1, W_dec, b_dec)
     with pytest.raises(TypeError, match="indices must be int32 or int64"):

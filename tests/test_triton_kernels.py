@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import sae_fast  # noqa: E402
-from sae_fast import ops, reference as R  # noqa: E402
+from sae_fast import dispatch, ops, reference as R  # noqa: E402
 from sae_fast.backends.base import SparseBackend  # noqa: E402
 from sae_fast.kernels import decoder as dec, encoder as enc, latent_backward as lb  # noqa: E402
 
@@ -327,7 +327,7 @@ def test_latent_backward_skips_zero_padding():
 
 # ----------------------------------------------------------------------------- dispatch and fallbacks
 def test_cpu_tensors_need_the_interpreter_and_are_never_the_default(monkeypatch):
-    backend = ops._BACKENDS["triton"]
+    backend = dispatch.lookup_backend("triton")
     monkeypatch.delenv("SAE_FAST_BACKEND", raising=False)
     assert backend.supports(torch.device("cpu"))
     assert ops.get_backend("cpu").name != "triton"

@@ -3,7 +3,7 @@
     from sae_fast.activations import load_model, collect_text, default_corpus
     model, tok = load_model()                                   # embedded all-MiniLM-L6-v2
     train, evals = collect_text(model, tok, "encoder.layer.3", default_corpus(), max_tokens=50_000)
-    for batch in train.batches(1024):                           # {layer: (1024, 384)}, normalised
+    for batch in train.batches(1024, normalize=True):           # {layer: (1024, 384)}, times train.scales()
         ...
 """
 from .collect import collect_text

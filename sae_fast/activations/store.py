@@ -7,9 +7,16 @@ streams the shards in a seeded shuffled order: each epoch permutes the shards, t
 memory and a corpus bigger than RAM works. A read position is one integer (rows consumed since the first
 epoch began), so a resumed run continues exactly where it stopped.
 
-Normalisation (Anthropic, 2024): activations are scaled so their mean squared norm is ``d``; the store
-records the raw mean squared norm per layer and applies ``scale = sqrt(d / mean_sq_norm)`` when reading.
-Divide an SAE's reconstruction by the scale to get back to the model's units (e.g. for steering).
+Reading gives the rows as recorded (the model's own units), from ``all`` and ``batches`` alike;
+``normalize=True`` multiplies each layer by its ``scales()`` factor. Normalisation (Anthropic, 2024):
+activations scaled so their mean squared norm is ``d``; the store records the raw mean squared norm per
+layer and ``scale = sqrt(d / mean_sq_norm)``. An SAE trained on scaled rows reads ``x * scale``; divide its
+reconstruction by the scale to get back to the model's units (e.g. for steering).
+
+Layers are keyed by module names as ``resolve_layers`` resolved them (``model.layers.15``). Every dict
+the store returns (``scales``, ``all``, ``batches``, ``widths``) also takes the name one leading dotted part
+shorter or longer (``layers.15``; ``transformer.h.6`` for ``h.6``): a name written with or without the
+base model's prefix, as ``resolve_layers`` accepts it, finds the layer when only one layer fits.
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,13 +42,49 @@ def normalization_scale(mean_sq_norm: float, d: int) -> float:
     return math.sqrt(d / mean_sq_norm) if mean_sq_norm > 0 else 1.0
 
 
+def find_layer(key: str, names) -> str:
+    """The one name in ``names`` that is ``key``, or ``key`` with one leading dotted part added or dropped
+    (``layers.15`` -> ``model.layers.15``, ``transformer.h.6`` -> ``h.6``); KeyError otherwise."""
+    hits = _layers_fitting(key, names)
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise KeyError(f"{key!r} fits several layers: {', '.join(hits)}; name one in full")
+    raise KeyError(f"no layer {key!r} in this store; it holds: {', '.join(names)}")
+
+
+def _layers_fitting(key, names) -> list[str]:
+    if not isinstance(key, str):
+        return []
+    if key in names:
+        return [key]
+    depth = key.count(".")
+    return [n for n in names if (n.endswith("." + key) and n.count(".") == depth + 1)
+            or (key.endswith("." + n) and n.count(".") == depth - 1)]
+
+
+class LayerDict(dict):
+    """``{layer: value}`` keyed by the store's layer names that also finds a layer by a name one leading
+    dotted part shorter or longer (see ``find_layer``). Iteration gives the stored names."""
+
+    def __missing__(self, key):
+        return dict.__getitem__(self, find_layer(key, list(self)))
+
+    def __contains__(self, key) -> bool:
+        return len(_layers_fitting(key, list(self))) == 1
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 class ActivationStore:
     """Rows of activations for one or more layers. Write with ``add`` then ``finish``; read with ``batches``
-    (shuffled stream) or ``all`` (everything, for small evaluation sets)."""
+    (shuffled stream) or ``all`` (everything, for small evaluation sets). Both give the rows as recorded;
+    ``normalize=True`` multiplies them by ``scales()``. Layer keys: see the module docstring."""
 
     def __init__(self, layers: list[str], folder=None, shard_tokens: int = 65536, dtype: str = "float32",
                  fingerprint: dict | None = None):
@@ -54,7 +97,7 @@ class ActivationStore:
         self.shard_tokens = shard_tokens
         self.dtype = dtype
         self.fingerprint = fingerprint or {}
-        self.widths: dict[str, int] = {}
+        self.widths: dict[str, int] = LayerDict()
         self.sizes: list[int] = []
         self.sum_sq = {name: 0.0 for name in self.layers}
         self._memory: list[dict[str, Tensor]] = []
@@ -99,7 +142,7 @@ class ActivationStore:
             os.replace(tmp, path)
         self.sizes.append(n)
 
-    def finish(self) -> "ActivationStore":
+    def finish(self) -> ActivationStore:
         """Write the last (short) shard and, on disk, ``meta.json``, which marks the store complete."""
         if self._pending_rows:
             self._flush(self._pending_rows)
@@ -114,7 +157,7 @@ class ActivationStore:
         return self
 
     @classmethod
-    def open(cls, folder) -> "ActivationStore | None":
+    def open(cls, folder) -> ActivationStore | None:
         """The complete store in ``folder``, or None when there is none (or it was never finished)."""
         folder = Path(folder)
         try:
@@ -124,7 +167,7 @@ class ActivationStore:
         if meta.get("format") != FORMAT:
             return None
         store = cls.__new__(cls)
-        store.layers, store.widths, store.dtype = meta["layers"], meta["widths"], meta["dtype"]
+        store.layers, store.widths, store.dtype = meta["layers"], LayerDict(meta["widths"]), meta["dtype"]
         store.folder, store.sizes, store.sum_sq = folder, meta["shards"], meta["sum_sq"]
         store.fingerprint, store.shard_tokens = meta.get("fingerprint", {}), max(meta["shards"], default=1)
         store._memory, store._pending, store._pending_rows, store.finished = [], [], 0, True
@@ -138,21 +181,29 @@ class ActivationStore:
         return sum(self.sizes)
 
     def mean_sq_norm(self, layer: str) -> float:
-        return self.sum_sq[layer] / max(self.n_rows, 1)
+        """Mean squared norm of ``layer``'s recorded rows (the name as ``scales()`` takes it)."""
+        return self.sum_sq[find_layer(layer, self.layers)] / max(self.n_rows, 1)
 
-    def scales(self) -> dict[str, float]:
-        """Per layer, the factor that brings the mean squared norm to d (see the module docstring)."""
-        return {n: normalization_scale(self.mean_sq_norm(n), self.widths[n]) for n in self.layers}
+    def scales(self) -> LayerDict:
+        """Per layer, the factor that brings the mean squared norm to d (see the module docstring):
+        ``scales()["layers.15"]`` and ``scales()["model.layers.15"]`` are the same number."""
+        return LayerDict((n, normalization_scale(self.mean_sq_norm(n), self.widths[n])) for n in self.layers)
 
     def shard(self, i: int) -> dict[str, Tensor]:
         if self.folder is None:
             return self._memory[i]
         return load_file(str(self.folder / f"shard_{i:05d}.safetensors"))
 
-    def all(self) -> dict[str, Tensor]:
-        """Every row of every layer (for small stores, such as a held-out evaluation set)."""
+    def all(self, normalize: bool = False) -> LayerDict:
+        """Every row of every layer (for small stores, such as a held-out evaluation set), as recorded, or
+        times ``scales()`` with ``normalize=True``. To feed held-out rows to an SAE trained on another store,
+        multiply them by that store's ``scales()``, as ``sae-fast train`` does."""
         shards = [self.shard(i) for i in range(len(self.sizes))]
-        return {n: torch.cat([s[n] for s in shards]) for n in self.layers}
+        rows = LayerDict((n, torch.cat([s[n] for s in shards])) for n in self.layers)
+        if normalize:
+            scales = self.scales()
+            rows = LayerDict((n, t.to(torch.float32) * scales[n]) for n, t in rows.items())
+        return rows
 
     def _groups(self, seed: int, epoch: int, group_shards: int) -> list[list[int]]:
         order = torch.randperm(len(self.sizes), generator=torch.Generator().manual_seed(_seed(seed, epoch))).tolist()
@@ -179,10 +230,11 @@ class ActivationStore:
                 base += size
 
     def batches(self, batch_size: int, seed: int = 0, start: int = 0, group_shards: int = 4,
-                normalize: bool = True, device=None) -> Iterator[dict[str, Tensor]]:
+                normalize: bool = False, device=None) -> Iterator[LayerDict]:
         """Endless stream of float32 batches ``{layer: (batch_size, d)}`` in shuffled order, starting at
         stream position ``start`` (rows; batch j covers rows [start + j*batch_size, ...)). Batches may
-        span epochs. Memory: ``group_shards`` shards plus one batch."""
+        span epochs. Rows as recorded, or times ``scales()`` with ``normalize=True`` (what an SAE is
+        trained on). Memory: ``group_shards`` shards plus one batch."""
         if not self.n_rows:
             raise ValueError("the activation store is empty")
         if batch_size < 1 or group_shards < 1:
@@ -199,6 +251,6 @@ class ActivationStore:
                 used += take
                 have += take
                 if have == batch_size:
-                    yield {n: (torch.cat([p[n] for p in parts]).to(device=device, dtype=torch.float32) * scales[n])
-                           for n in self.layers}
+                    yield LayerDict((n, torch.cat([p[n] for p in parts]).to(device=device, dtype=torch.float32)
+                                     * scales[n]) for n in self.layers)
                     parts, have = [], 0

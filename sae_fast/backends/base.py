@@ -34,6 +34,11 @@ def acc(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def cast_or_none(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``; an absent tensor (an unused half of a result) stays None."""
+    return None if t is None else t.to(dtype)
+
+
 def _latent_chunk(B: int) -> int:
     # About 16 MiB of fp32 scores per chunk: large enough for an efficient matmul, small enough to bound memory.
     return max(256, (1 << 22) // max(B, 1))
@@ -70,6 +75,10 @@ class SparseBackend:
     def supports(self, device: torch.device) -> bool:
         return True
 
+    def runs_on(self) -> str:
+        """Which tensors this backend runs on this machine, in words (``sae-fast info``)."""
+        return "any device (plain torch, chunked over latents)"
+
     def _chunks(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor):
         xc = acc(x) - acc(b_dec)
         n, step = W_enc.shape[0], _latent_chunk(x.shape[0])
@@ -80,8 +89,7 @@ class SparseBackend:
     # ------------------------------------------------------------------ encoders
     def topk_select(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         bv, bi, av, ai = self._topk_acc(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-        cast = (lambda t: None if t is None else t.to(x.dtype))
-        return cast(bv), bi, cast(av), ai
+        return cast_or_none(bv, x.dtype), bi, cast_or_none(av, x.dtype), ai
 
     def _topk_acc(self, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         """topk_select with scores left in the accumulation dtype."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (ImportError here unregisters the backend)
-from .base import INDEX_DTYPE, SparseBackend, pad_rows
+from .base import INDEX_DTYPE, SparseBackend, cast_or_none, pad_rows
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -117,6 +117,9 @@ class CpuBackend(SparseBackend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
+    def runs_on(self) -> str:
+        return "CPU tensors (C++/OpenMP kernels in sae_fast._C)"
+
     # ------------------------------------------------------------------ encoders
     def __init__(self):
         self._list_capacity = _MIN_LIST_CAPACITY
@@ -127,8 +130,7 @@ class CpuBackend(SparseBackend):
         k_aux = k_aux if dead_mask is not None else 0
         dead = dead_mask.to(torch.uint8).contiguous() if k_aux else None
         pre, idx, aux_pre, aux_idx = self._topk(_centered(x, b_dec), W_enc.contiguous(), _f32(b_enc), k, dead, k_aux)
-        cast = (lambda t: None if t is None else t.to(x.dtype))
-        return cast(pre), idx, cast(aux_pre), aux_idx
+        return cast_or_none(pre, x.dtype), idx, cast_or_none(aux_pre, x.dtype), aux_idx
 
     def _topk(self, xc, W, b, k, dead=None, k_aux=0):
         """Fused running top-k (and AuxK's top-k_aux over ``dead``) in fp32; never forms (B, n) scores."""
@@ -252,5 +254,4 @@ class CpuBackend(SparseBackend):
             dW_dec = torch.empty(n, d, dtype=out)
         _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
                            _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16, _threads(n * d + B * K * d))
-        cast = (lambda t: None if t is None else t.to(want))
-        return cast(dW_enc), cast(db_enc), cast(dW_dec)
+        return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))

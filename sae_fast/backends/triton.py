@@ -37,6 +37,12 @@ class TritonBackend(SparseBackend):
         device = torch.device(device)
         return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
+    def runs_on(self) -> str:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cpu = ("CPU tensors when forced (TRITON_INTERPRET=1 is set)" if _interpreting()
+               else "CPU only under TRITON_INTERPRET=1")
+        return f"installed; CUDA tensors ({f'{gpus} device(s)' if gpus else 'none here'}); {cpu}"
+
     @staticmethod
     def _kernels(family: str):
         return importlib.import_module(f"sae_fast.kernels.{family}")

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..activations.normalization import save_normalization
-from ..io import atomic_dir_write, load_sae, save_sae
+from ..folders import atomic_dir_write, load_sae
+from ..sae import save_sae
 
 FORMAT = "sae-fast-train-checkpoint"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -1,4 +1,5 @@
-"""A roofline MODEL of one SAE training step on a named GPU (`sae-fast bench --model h100|h200`).
+"""A roofline MODEL of one SAE training step on a named GPU (`sae-fast bench --model h100|h200`; printed and
+saved by roofline_report.py).
 
 Not a measurement. Each algorithm is a list of kernels; each kernel's flops and bytes moved follow from
 the launch shapes (formulas beside each kernel below), and its predicted time is
@@ -26,10 +27,10 @@ bf16 autocast, 4 for fp32), m = 4 bytes of fp32 master weights, gradients and Ad
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+from .workloads import Workload
 
 PHASE_ORDER = ("fwd", "bwd", "opt")
 LABEL = "MODEL (roofline prediction, not a measurement)"
@@ -107,7 +108,8 @@ I32, I64 = 4, 8
 
 
 def default_splits(B: int, gpu: GPU, block_m: int = 128) -> int:
-    """S for the fused encoder: enough (row block, n split) programs to give every SM one: ceil(SMs / ceil(B/BLOCK_M))."""
+    """S for the fused encoder: enough (row block, n split) programs to give every SM one:
+    ceil(SMs / ceil(B/BLOCK_M))."""
     return max(1, math.ceil(gpu.sms / math.ceil(B / block_m)))
 
 
@@ -297,7 +299,8 @@ def dense_kernels(s: Shape, rescale: bool = False) -> list:
                          {"d_pre": Bn * e}))
     if rescale:
         ks.append(Kernel("rescale backward over (B, n) (two products)", "bwd", 2 * Bn, False,
-                         {"d_acts": Bn * e, "hidden_pre": Bn * e, "acts": Bn * e}, {"d_pre": Bn * e, "d_norm part": Bn * e}))
+                         {"d_acts": Bn * e, "hidden_pre": Bn * e, "acts": Bn * e},
+                         {"d_pre": Bn * e, "d_norm part": Bn * e}))
     ks.append(Kernel("db_enc = d_pre summed over rows", "bwd", Bn, False, {"d_pre": Bn * e}, {"db_enc": n * e}))
     ks.append(Kernel("encoder backward dW_enc = sae_in.T @ d_pre", "bwd", 2 * Bn * d, True,
                      {"sae_in": BD * e, "d_pre": Bn * e}, {"dW_enc": nd * e}))
@@ -380,13 +383,13 @@ def predict(kernels: list, gpu: GPU, e: int) -> dict:
     return {"fwd": t["fwd"], "fwd_bwd": t["fwd"] + t["bwd"], "step": t["fwd"] + t["bwd"] + t["opt"]}
 
 
-def shape_for(workload, gpu: GPU, dtype: str = "bf16") -> Shape:
+def shape_for(workload: Workload, gpu: GPU, dtype: str = "bf16") -> Shape:
     e = 2 if dtype == "bf16" else 4
     return Shape(workload.batch, workload.d, workload.n, workload.k, workload.activation, e=e,
                  splits=default_splits(workload.batch, gpu))
 
 
-def model_workload(workload, gpu: GPU, dtype: str = "bf16") -> dict:
+def model_workload(workload: Workload, gpu: GPU, dtype: str = "bf16") -> dict:
     s = shape_for(workload, gpu, dtype)
     floor = encoder_gemm(s)
     floor_s = floor.seconds(gpu, s.e)
@@ -408,89 +411,3 @@ def model_workload(workload, gpu: GPU, dtype: str = "bf16") -> dict:
     return {"workload": asdict(workload), "shape": asdict(s), "encoder_gemm": {
         "flops": floor.flops, "bytes": floor.bytes, "seconds": floor_s, "bound": floor.bound(gpu, s.e)},
         "algorithms": algos}
-
-
-# ============================================================================ reporting
-def _us(seconds: float) -> str:
-    us = seconds * 1e6
-    return f"{us:,.0f}" if us >= 10 else f"{us:.1f}"
-
-
-def render(gpu: GPU, results: list, markdown: bool = False) -> str:
-    lines = []
-    if markdown:
-        lines += [f"# {LABEL}: {gpu.name}", "",
-                  f"- peaks: bf16 tensor core {gpu.bf16_tflops} TFLOPS (dense), tf32 {gpu.tf32_tflops}, "
-                  f"fp32 CUDA core {gpu.fp32_tflops}; HBM {gpu.hbm_tb_s} TB/s; {gpu.sms} SMs",
-                  f"- source: {gpu.source}",
-                  "- predicted time per kernel = max(flops / peak, bytes / bandwidth); assumptions and formulas: "
-                  "`sae_fast/roofline.py` (every prediction is a lower bound)",
-                  "- made by `sae-fast bench --model " + gpu.key + "`", ""]
-    else:
-        lines += [f"{LABEL} | {gpu.name}: bf16 {gpu.bf16_tflops} TFLOPS dense, fp32 {gpu.fp32_tflops} TFLOPS, "
-                  f"HBM {gpu.hbm_tb_s} TB/s", f"source: {gpu.source}"]
-    for res in results:
-        w, fl = res["workload"], res["encoder_gemm"]
-        what = f"k={w['k']}" if w["activation"] == "topk" else f"ReLU+L1, mean L0 {w['k']}"
-        title = (f"{w['name']}: B={w['batch']} d={w['d']} n={w['n']} {what}, bf16 autocast + fp32 masters "
-                 f"(S={res['shape']['splits']} n-splits) | MODEL encoder GEMM {_us(fl['seconds'])} us ({fl['bound']}-bound)")
-        head = ["algorithm (MODEL)", "fwd us", "x gemm", "fwd+bwd us", "x gemm", "step us", "x gemm", "tokens/s"]
-        body = []
-        for key, a in res["algorithms"].items():
-            sec, rat = a["seconds"], a["ratio_to_encoder_gemm"]
-            fb = ["-", "-"] if key == "sae-fast+fused-opt" else [_us(sec["fwd_bwd"]), f"{rat['fwd_bwd']:.2f}"]
-            body.append([key, _us(sec["fwd"]), f"{rat['fwd']:.2f}", *fb,
-                         _us(sec["step"]), f"{rat['step']:.2f}", f"{a['tokens_per_s_step']:,.0f}"])
-        if "sae-fast" in res["algorithms"]:
-            ours = res["algorithms"]["sae-fast"]["seconds"]["step"]
-            for row in body:
-                other = res["algorithms"][row[0]]["seconds"]["step"]
-                row.append("-" if row[0] == "sae-fast" else f"{other / ours:.2f}x")
-            head.append("sae-fast step speedup")
-        lines += ["", f"## {title}", ""] if markdown else ["", title]
-        lines.append(_table(head, body, markdown))
-    if markdown:
-        lines += ["", "## Kernels (MODEL): every kernel of each algorithm, per workload", ""]
-        for res in results:
-            w = res["workload"]
-            for key, a in res["algorithms"].items():
-                lines += [f"### {w['name']} / {key}: {a['description']}", ""]
-                body = [[k["phase"], k["name"], f"{k['flops'] / 1e9:.2f}", f"{k['bytes'] / 2**20:.1f}",
-                         "yes" if k["tensor_core"] else "", _us(k["seconds"]), k["bound"]] for k in a["kernels"]]
-                lines += [_table(["phase", "kernel", "GFLOP", "MiB moved", "tensor core", "us", "bound"], body, True), ""]
-    else:
-        lines += ["", "x gemm: predicted time / predicted encoder GEMM time. Per-kernel flops, bytes and formulas: "
-                  "the saved Markdown and sae_fast/roofline.py."]
-    return "\n".join(lines) + "\n"
-
-
-def _table(head, body, markdown) -> str:
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in body])
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in [head] + body)
-
-
-def main(args) -> int:
-    from .bench import resolve_workloads
-    key = args.model.lower()
-    if key not in GPUS:
-        raise ValueError(f"--model: unknown GPU {args.model!r}; choose from {', '.join(GPUS)}")
-    gpu = GPUS[key]
-    workloads = resolve_workloads(args, ("w1", "w2", "w3", "w4"))
-    dtype = args.dtype or "bf16"
-    results = [model_workload(w, gpu, dtype) for w in workloads]
-    print(render(gpu, results))
-    if args.out != "-":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"model-{gpu.key}" + ("" if [w.name for w in workloads] == ["w1", "w2", "w3", "w4"] else
-                                     "-" + "-".join(w.name for w in workloads))
-        payload = {"kind": LABEL, "gpu": asdict(gpu), "dtype": dtype,
-                   "command": getattr(args, "command_line", None), "workloads": results}
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / f"{stem}.md").write_text(render(gpu, results, markdown=True))
-        print(f"saved {stem}.json, {stem}.md in {out}/ (MODEL)")
-    return 0

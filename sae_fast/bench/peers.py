@@ -1,0 +1,159 @@
+"""The rows' adapters: what each contestant runs (a Harness), for sae-fast's SparseAutoencoder under a backend,
+EleutherAI sparsify's SparseCoder and SAELens's training SAEs, and the list of contestants of a run. Also the
+benchmark-only SAE subclass that runs as sae-fast did before master weights (for A/Bs)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .workloads import L1_COEFF, Setup
+
+
+@dataclass
+class Harness:
+    """What a row runs. ``forward(x) -> (x_hat, loss)`` is the library's training forward."""
+
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]]
+    params: list
+    project_grad: Callable[[], None] | None  # the library's decoder-gradient projection, if it has one
+    renormalize: Callable[[], None]
+    backend: str | None = None               # sae-fast rows: run under use_backend(backend)
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def _copy_params(pairs) -> None:
+    with torch.no_grad():
+        for dst, src in pairs:
+            dst.copy_(src)
+
+
+def _renorm_rows(W: Tensor) -> Callable[[], None]:
+    @torch.no_grad()
+    def fn():
+        W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return fn
+
+
+def autocast_copies_sae():
+    """SparseAutoencoder as it ran before master weights, for A/Bs: under autocast every parameter is cast to
+    the compute dtype inside autograd (16-bit weight copies, 16-bit gradients cast back)."""
+    from ..sae import SparseAutoencoder
+
+    class AutocastCopiesSAE(SparseAutoencoder):
+        @staticmethod
+        def _as(param, dtype):
+            return param.to(dtype)
+
+    return AutocastCopiesSAE
+
+
+def sae_fast_harness(setup: Setup, backend: str) -> Harness:
+    from ..sae import SparseAutoencoder
+    w = setup.workload
+    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, k_aux=0, l1_coeff=L1_COEFF, device=setup.device)
+    _copy_params([(sae.W_enc, setup.W_enc), (sae.b_enc, setup.b_enc),
+                         (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
+
+    def forward(x):
+        out = sae(x)
+        return out.x_hat, out.loss
+
+    return Harness(forward, list(sae.parameters()), sae.remove_parallel_grad_, sae.normalize_decoder_, backend)
+
+
+def sparsify_harness(setup: Setup) -> Harness:
+    w = setup.workload
+    if w.activation != "topk":
+        raise NotApplicable("sparsify's SparseCoder has no ReLU+L1 activation (topk | groupmax only)")
+    if setup.device.type == "cpu":
+        # Otherwise sparsify sends CPU tensors to its Triton decoder and fails.
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    with contextlib.redirect_stdout(io.StringIO()):  # sparsify prints its decoder choice at import
+        from sparsify import SparseCoder, SparseCoderConfig
+    cfg = SparseCoderConfig(activation="topk", num_latents=w.n, k=w.k, normalize_decoder=True)
+    sc = SparseCoder(w.d, cfg, device=setup.device, dtype=torch.float32)
+    _copy_params([(sc.encoder.weight, setup.W_enc), (sc.encoder.bias, setup.b_enc),
+                         (sc.W_dec, setup.W_dec), (sc.b_dec, setup.b_dec)])
+
+    def forward(x):
+        out = sc(x)
+        return out.sae_out, out.fvu
+
+    return Harness(forward, list(sc.parameters()), sc.remove_gradient_parallel_to_decoder_directions,
+                   sc.set_decoder_norm_to_unit_norm)
+
+
+def saelens_harness(setup: Setup, rescale: bool | None) -> Harness:
+    w = setup.workload
+    from sae_lens.saes.sae import TrainStepInput
+    common = dict(d_in=w.d, d_sae=w.n, dtype="float32", device=str(setup.device))
+    if w.activation == "topk":
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=w.k, rescale_acts_by_decoder_norm=rescale, **common))
+        coefficients = {}
+    else:
+        from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=L1_COEFF, **common))
+        coefficients = {"l1": L1_COEFF}
+    _copy_params([(sae.W_enc, setup.W_enc.T), (sae.b_enc, setup.b_enc),
+                         (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
+
+    def forward(x):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=None,
+                                                       n_training_steps=0, is_logging_step=False))
+        return out.sae_out, out.loss
+
+    return Harness(forward, list(sae.parameters()), None, _renorm_rows(sae.W_dec))
+
+
+class NotApplicable(Exception):
+    """A peer that has no equivalent of this workload's math."""
+
+
+@dataclass
+class Contestant:
+    label: str
+    kind: str
+    settings: str
+    build: Callable[[Setup], Harness]
+    package: str | None = None      # import name of a peer, for "not installed"
+
+
+def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Contestant]:
+    w, dev = setup.workload, setup.device
+    act = "TopK" if w.activation == "topk" else "ReLU+L1"
+    l1 = f", l1_coeff={L1_COEFF:g}" if w.activation == "relu" else ""
+    ours = (f"SparseAutoencoder(activation={w.activation!r}, k_aux=0{l1}); "
+            "step: remove_parallel_grad_, Adam, normalize_decoder_")
+    out = []
+    for name in backends:
+        out.append(Contestant(f"sae-fast [{name}]", "sae-fast", f"{ours}; use_backend({name!r})",
+                              lambda s, name=name: sae_fast_harness(s, name)))
+    if "sparsify" in peers:
+        decoder = "eager embedding_bag (SPARSIFY_DISABLE_TRITON=1)" if dev.type == "cpu" else "Triton embedding_bag"
+        if os.environ.get("SPARSIFY_DISABLE_TRITON") == "1" and dev.type != "cpu":
+            decoder = "eager embedding_bag (SPARSIFY_DISABLE_TRITON=1 from the environment)"
+        autocast = "; its forward autocasts to bf16 on CUDA by itself" if dev.type == "cuda" else ""
+        out.append(Contestant("sparsify", "peer", f"SparseCoder(topk, k={w.k}), decoder: {decoder}{autocast}; "
+                              "step: remove_gradient_parallel_to_decoder_directions, Adam, "
+                              "set_decoder_norm_to_unit_norm", sparsify_harness, "sparsify"))
+    if "saelens" in peers:
+        renorm = ("Adam, decoder rows renormalised by the bench (as ours; SAELens's trainer does not, and clips grad "
+                  "norm, not done here)")
+        if w.activation == "topk":
+            for rescale in (True, False):
+                out.append(Contestant(f"SAELens rescale={rescale}", "peer",
+                                      f"TopKTrainingSAE(k={w.k}, rescale_acts_by_decoder_norm={rescale}), "
+                                      f"training_forward_pass; step: {renorm}",
+                                      lambda s, r=rescale: saelens_harness(s, r), "sae_lens"))
+        else:
+            out.append(Contestant("SAELens", "peer", f"StandardTrainingSAE(l1_coefficient={L1_COEFF}) ({act}), "
+                                  f"training_forward_pass; step: {renorm}",
+                                  lambda s: saelens_harness(s, None), "sae_lens"))
+    return out

@@ -1,0 +1,107 @@
+"""Input checks of the public ops: one-line errors naming the bad argument, before any kernel runs."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+_check_finite = os.environ.get("SAE_FAST_CHECK_FINITE", "1") != "0"
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Turn the NaN/inf check on inputs on or off (one pass over x; on by default)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def _fmt(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_master(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """fp32 weights beside 16-bit activations: the ops read them as they are ("master weights") and
+    return their gradients in fp32, so mixed-precision training needs no 16-bit copies of the weights."""
+    return weight_dtype == torch.float32 and compute_dtype in LOW_PRECISION
+
+
+def check_float(name: str, t, shape: tuple, dtype=None, device=None) -> None:
+    """``shape`` entries are ints, or None for 'any size'. A weight must have ``dtype`` (x's), or be a
+    float32 master weight when ``dtype`` is 16-bit."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got {_fmt(t)}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {want}; got {_fmt(t)}")
+    if dtype is not None and t.dtype != dtype and not is_master(t.dtype, dtype):
+        also = " (or torch.float32 master weights)" if dtype in LOW_PRECISION else ""
+        raise TypeError(f"{name} must have dtype {dtype} like x{also}; got {_fmt(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; put all tensors on one device")
+
+
+def check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor of activations; got {_fmt(x)}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be a 2-D (batch, d_in) tensor; got {_fmt(x)}")
+    if x.shape[0] == 0:
+        raise ValueError("x must have at least one row; got an empty batch")
+    # Data-dependent checks would break a torch.compile graph; compiled code skips them.
+    if _check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
+                         "sae_fast.ops.set_check_finite(False))")
+
+
+def check_encoder(x, W_enc, b_enc, b_dec) -> None:
+    check_x(x)
+    d = x.shape[1]
+    check_float("W_enc", W_enc, (None, d), x.dtype, x.device)
+    n = W_enc.shape[0]
+    check_float("b_enc", b_enc, (n,), x.dtype, x.device)
+    check_float("b_dec", b_dec, (d,), x.dtype, x.device)
+
+
+def check_k(name: str, k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int; got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must be between 1 and n_latents={n}; got {k}")
+
+
+def check_dead_mask(dead_mask, n: int) -> None:
+    if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (n,):
+        raise TypeError(f"dead_mask must be a bool tensor of shape ({n},)")
+
+
+def check_code(values, indices, W_dec, b_dec) -> None:
+    check_float("values", values, (None, None))
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64; got {_fmt(indices)}")
+    if indices.shape != values.shape:
+        raise ValueError(f"indices must have the shape of values {tuple(values.shape)}; got {_fmt(indices)}")
+    if indices.device != values.device:
+        raise ValueError(f"indices is on {indices.device} but values is on {values.device}")
+    check_float("W_dec", W_dec, (None, None), values.dtype, values.device)
+    n, d = W_dec.shape
+    if b_dec is not None:
+        check_float("b_dec", b_dec, (d,), values.dtype, values.device)
+    # The index range is checked inside the sparse_decode custom op (check_index_range), so compiled code
+    # checks it too.
+
+
+def check_index_range(idx: Tensor, n: int) -> None:
+    """A kernel must never read out of bounds: indices from callers are checked before any kernel runs."""
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"indices must lie in [0, n_latents={n}); got values in [{lo}, {hi}]")
