@@ -177,6 +177,29 @@ def test_encode_and_forward_match_unpatched(arch, lead):
     _compare_grads(ours[3], theirs[3])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_pre_at_matches_dense_pre_activations(backend):
+    """AuxK's un-ReLU'd pre-activations of listed latents (integrations._patching.pre_at), on every backend."""
+    import sae_fast
+    from sae_fast.integrations._patching import pre_at
+    if backend not in sae_fast.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    g = torch.Generator().manual_seed(8)
+    xc, W, b = torch.randn(9, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(64, generator=g)
+    idx = torch.randint(0, 64, (9, 5), generator=g, dtype=torch.int32)
+    weights = torch.randn(9, 5, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (xc, W, b)]
+    dense = (leaves[0] @ leaves[1].T + leaves[2]).gather(1, idx.long())
+    ref_grads = torch.autograd.grad((dense * weights).sum(), leaves)
+    leaves = [t.clone().requires_grad_(True) for t in (xc, W, b)]
+    with sae_fast.use_backend(backend):
+        out = pre_at(*leaves, idx)
+        grads = torch.autograd.grad((out * weights).sum(), leaves)
+    torch.testing.assert_close(out, dense.detach(), **TOL)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, **TOL)
+
+
 def _calls_fast_path(monkeypatch):
     calls = []
     code = patch_sae_lens._Code

@@ -80,6 +80,7 @@ class Patcher:
         self._warned = False
         self._version = _MISSING
         self._found = None
+        self._made: dict = {}  # (owner, name) -> (original, why it cannot be patched or None, replacement)
 
     @property
     def is_patched(self) -> bool:
@@ -114,19 +115,28 @@ class Patcher:
             # Resolve every original first: a subclass's inherited method is the library's, not a replacement.
             originals = [getattr(t.owner, t.name, None) for t in targets]
             for t, original in zip(targets, originals):
-                why = _mismatch(original, t.params)
+                why, replacement = self._replacement(t, original)
                 if why:
                     report.left_alone.append((t.label, why))
                     continue
                 self._saved.append((t.owner, t.name, t.owner.__dict__.get(t.name, _MISSING)))
-                replacement = t.make(original)
-                replacement.__sae_fast_original__ = original
                 setattr(t.owner, t.name, replacement)
                 report.patched.append(t.label)
         self._report = report
         if verbose:
             print(report)
         return report
+
+    def _replacement(self, t: Target, original) -> tuple[str | None, Callable | None]:
+        """(why ``original`` cannot be replaced, None) or (None, its replacement); made once per original."""
+        key = (t.owner, t.name)
+        if key not in self._made or self._made[key][0] is not original:
+            why = _mismatch(original, t.params)
+            replacement = None if why else t.make(original)
+            if replacement is not None:
+                replacement.__sae_fast_original__ = original
+            self._made[key] = (original, why, replacement)
+        return self._made[key][1:]
 
     def unpatch(self) -> None:
         """Put back every attribute exactly as it was (an inherited method is inherited again)."""
