@@ -5,18 +5,19 @@
 Per DESIGN.md workload, bf16, medians of triton.testing.do_bench, one process:
   encoder alone   cuBLAS GEMM (bf16 out, and fp32 out: what topk_scan's chunks write); the fused top-k
                   encoder on a bf16 W_enc; the fused encoder with the per-call bf16 copy of an fp32 W_enc
-                  (the default master-weight path) and with MASTER_IN_KERNEL (fp32 tiles rounded in
+                  (the default master-weight path) and with master_in_kernel (fp32 tiles rounded in
                   registers); topk_scan (cuBLAS chunks + the scan kernel) per chunk width. Each row also
                   says whether it chose the fused kernel's latents (the share of rows that agree).
   w4 threshold    the ReLU encoder at a cutoff keeping ~64 entries per row: fused vs GEMM + scan per chunk.
   SAE fwd+bwd     SparseAutoencoder under bf16 autocast: master weights (default), the old autocast copies
                   of every weight (a subclass that casts), and with the best scan chunk; peak memory too.
-Writes <device>-master-scan-ab.{txt,json} to --out. Decide from it: encoder.SCAN_CHUNK (0 = fused),
-encoder.MASTER_IN_KERNEL, and whether the master-weight path beats the copies.
+Writes <device>-master-scan-ab.{txt,json} to --out. Decide from it the triton backend's EncoderOptions
+(scan_chunk: 0 = fused; master_in_kernel), and whether the master-weight path beats the copies.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,12 +26,16 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from sae_fast import SparseAutoencoder
-from sae_fast.bench import autocast_copies_sae, device_slug
-from sae_fast.kernels import encoder as enc
+from sae_fast import SparseAutoencoder, dispatch
+from sae_fast.bench import DEFAULT_WORKLOADS, autocast_copies_sae, device_slug
+from sae_fast.bench import WORKLOADS as BENCH_WORKLOADS
+from sae_fast.kernels import scan_encoder as scan
+from sae_fast.kernels import threshold_encoder as thr
+from sae_fast.kernels import topk_encoder as topk
 
-WORKLOADS = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64),
-             "w4": (4096, 768, 32768, 64)}  # w4: ReLU at a mean L0 of 64, the threshold encoder
+# (B, d, n, k) of the GPU workloads; the ReLU one (w4, k its mean L0) times the threshold encoder.
+WORKLOADS = {name: BENCH_WORKLOADS[name].shape for name in DEFAULT_WORKLOADS["cuda"]}
+RELU = {name for name in WORKLOADS if BENCH_WORKLOADS[name].activation == "relu"}
 DEVICE = "cuda"  # tests/test_examples.py dry-runs the script on CPU tensors under TRITON_INTERPRET=1
 
 
@@ -47,7 +52,7 @@ def encoder_rows(name, B, d, n, k, chunks):
     W32 = torch.randn(n, d, device=DEVICE, generator=g) / d ** 0.5
     W16 = W32.bfloat16()
     c = torch.randn(n, device=DEVICE, generator=g) * 0.1
-    _, ref_idx, _, _ = enc.topk_select(x, W16, c, k)
+    _, ref_idx, _, _ = topk.topk_select(x, W16, c, k)
     ref_sorted = ref_idx.sort(1).values
     rows = []
 
@@ -63,14 +68,14 @@ def encoder_rows(name, B, d, n, k, chunks):
 
     row("cuBLAS GEMM bf16 out (floor)", lambda: x @ W16.T)
     row("cuBLAS GEMM fp32 out", lambda: torch.mm(x, W16.T, out_dtype=torch.float32))
-    row("fused, bf16 W_enc", lambda: enc.topk_select(x, W16, c, k), lambda: enc.topk_select(x, W16, c, k))
+    row("fused, bf16 W_enc", lambda: topk.topk_select(x, W16, c, k), lambda: topk.topk_select(x, W16, c, k))
     row("fused, fp32 W_enc: per-call bf16 copy + tiles (default)",
-        lambda: enc.topk_select(x, W32.to(torch.bfloat16), c, k))
-    row("fused, fp32 W_enc rounded in the tiles (MASTER_IN_KERNEL)", lambda: enc.topk_select(x, W32, c, k),
-        lambda: enc.topk_select(x, W32, c, k))
+        lambda: topk.topk_select(x, W32.to(torch.bfloat16), c, k))
+    row("fused, fp32 W_enc rounded in the tiles (master_in_kernel)", lambda: topk.topk_select(x, W32, c, k),
+        lambda: topk.topk_select(x, W32, c, k))
     for chunk in chunks:
-        row(f"GEMM + scan, chunk {chunk}", lambda: enc.topk_scan(x, W16, c, k, chunk=chunk),
-            lambda: enc.topk_scan(x, W16, c, k, chunk=chunk))
+        row(f"GEMM + scan, chunk {chunk}", lambda: scan.topk_scan(x, W16, c, k, chunk=chunk),
+            lambda: scan.topk_scan(x, W16, c, k, chunk=chunk))
     return rows
 
 
@@ -83,7 +88,7 @@ def threshold_rows(name, B, d, n, l0, chunks):
     scores = (x.float() @ W16.float().T + c).flatten()
     cut = torch.full((n,), float(scores.kthvalue(scores.numel() - l0 * B).values), device=DEVICE)
     del scores
-    _, ref_idx, need = enc.threshold_select(x, W16, c, cut, 16)
+    _, ref_idx, need = thr.threshold_select(x, W16, c, cut, 16)
     rows = []
 
     def row(label, fn):
@@ -94,31 +99,36 @@ def threshold_rows(name, B, d, n, l0, chunks):
         rows.append(dict(workload=name, row=label, ms=_ms(fn), same_latents=same))
 
     rows.append(dict(workload=name, row="cuBLAS GEMM bf16 out (floor)", ms=_ms(lambda: x @ W16.T)))
-    row("threshold fused (capacity from a first run)", lambda: enc.threshold_select(x, W16, c, cut, need + need // 4))
+    row("threshold fused (capacity from a first run)", lambda: thr.threshold_select(x, W16, c, cut, need + need // 4))
     for chunk in chunks:
-        _, _, need_scan = enc.threshold_select(x, W16, c, cut, 16, chunk=chunk)
+        _, _, need_scan = scan.threshold_scan(x, W16, c, cut, 16, chunk=chunk)
         row(f"threshold GEMM + scan, chunk {chunk}",
-            lambda: enc.threshold_select(x, W16, c, cut, need_scan + need_scan // 4, chunk=chunk))
+            lambda: scan.threshold_scan(x, W16, c, cut, need_scan + need_scan // 4, chunk=chunk))
     return rows
+
+
+def _sae_step(sae, x):
+    def step():
+        sae.zero_grad(set_to_none=True)  # fresh gradients each call, as sae-fast bench times fwd+bwd
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            sae(x).loss.backward()
+
+    return step
 
 
 def sae_rows(name, B, d, n, k, best_chunk):
     x = torch.randn(B, d, device=DEVICE)
     rows = []
+    backend = dispatch.lookup_backend("triton")  # what SparseAutoencoder runs on a GPU, with its options
     variants = [("SAE fwd+bwd, master weights (default)", SparseAutoencoder, 0),
                 ("SAE fwd+bwd, autocast copies of every weight (before)", autocast_copies_sae(), 0)]
     if best_chunk:
         variants.append((f"SAE fwd+bwd, master weights, GEMM + scan chunk {best_chunk}", SparseAutoencoder, best_chunk))
     for label, cls, chunk in variants:
         sae = cls(d, n, "topk", k=k, k_aux=0, seed=0, device=DEVICE)
-
-        def step():
-            sae.zero_grad(set_to_none=True)  # fresh gradients each call, as sae-fast bench times fwd+bwd
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                sae(x).loss.backward()
-
-        saved, peak = enc.SCAN_CHUNK, None
-        enc.SCAN_CHUNK = chunk
+        step = _sae_step(sae, x)
+        saved, peak = backend.options, None
+        backend.options = dataclasses.replace(saved, scan_chunk=chunk)
         try:
             ms = _ms(step)
             if isinstance(ms, float) and DEVICE == "cuda":
@@ -130,9 +140,9 @@ def sae_rows(name, B, d, n, k, best_chunk):
                 torch.cuda.synchronize()
                 peak = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
         finally:
-            enc.SCAN_CHUNK = saved
+            backend.options = saved
         rows.append(dict(workload=name, row=label, ms=ms, peak_mib_beyond_start=peak))
-        del sae
+        del sae, step
         torch.cuda.empty_cache()
     return rows
 
@@ -147,7 +157,7 @@ def main():
     start, rows = time.time(), []
     for name in args.workloads:
         B, d, n, k = WORKLOADS[name]
-        if name == "w4":
+        if name in RELU:
             rows += threshold_rows(name, B, d, n, k, args.chunks)
             print(f"{name}: done at {time.time() - start:.0f} s", flush=True)
             continue

@@ -17,10 +17,15 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from sae_fast.kernels import encoder as enc, latent_backward as lb
+from sae_fast.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
+from sae_fast.kernels import latent_backward as lb
+from sae_fast.kernels import threshold_encoder as thr
+from sae_fast.kernels import topk_encoder as topk
+from sae_fast.kernels.encoder_common import Device, EncoderConfig, splits_for
 
-TOPK = {"w1": (4096, 768, 32768, 32), "w2": (4096, 768, 131072, 32), "w3": (4096, 4096, 65536, 64)}
-RELU = {"w4": (4096, 768, 32768, 64)}
+# (B, d, n, k) of the GPU workloads (k: the ReLU one's mean L0).
+TOPK = {w.name: w.shape for w in map(WORKLOADS.get, DEFAULT_WORKLOADS["cuda"]) if w.activation == "topk"}
+RELU = {w.name: w.shape for w in map(WORKLOADS.get, DEFAULT_WORKLOADS["cuda"]) if w.activation == "relu"}
 
 
 def _time(fn) -> float | str:
@@ -42,16 +47,16 @@ def tune_encoder(deadline, rows):
     for name, (B, d, n, k) in TOPK.items():
         x, W, c = _tensors(B, d, n)
         rows.append((name, "gemm (cuBLAS bf16)", _time(lambda: x @ W.T)))
-        rows.append((name, "topk default", _time(lambda: enc.topk_select(x, W, c, k))))
-        kp = enc._pow2(k)
+        rows.append((name, "topk default", _time(lambda: topk.topk_select(x, W, c, k))))
+        kp = triton.next_power_of_2(k)
         for bm, bn, warps, stages, small, mult in itertools.product(
                 (64, 128), (64, 128, 256), (4, 8), (3,), (kp, 4), (1, 2)):
             if time.time() > deadline:
                 return
             tiles = triton.cdiv(n, max(bn, kp))
-            splits = enc._splits(triton.cdiv(B, bm), tiles, enc.Device.of(x).sms, 8) * mult
-            cfg = enc.EncoderConfig(bm, max(bn, kp), 64, warps, stages, splits, small)
-            rows.append((name, f"topk {cfg}", _time(lambda: enc.topk_select(x, W, c, k, config=cfg))))
+            splits = splits_for(triton.cdiv(B, bm), tiles, Device.of(x).sms, 8) * mult
+            cfg = EncoderConfig(bm, max(bn, kp), 64, warps, stages, splits, small)
+            rows.append((name, f"topk {cfg}", _time(lambda: topk.topk_select(x, W, c, k, config=cfg))))
 
 
 def tune_threshold(deadline, rows):
@@ -62,13 +67,13 @@ def tune_threshold(deadline, rows):
         del p
         cut = torch.full((n,), t, device="cuda")
         rows.append((name, "gemm (cuBLAS bf16)", _time(lambda: x @ W.T)))
-        rows.append((name, "threshold default (cap 96)", _time(lambda: enc.threshold_select(x, W, c, cut, 96))))
+        rows.append((name, "threshold default (cap 96)", _time(lambda: thr.threshold_select(x, W, c, cut, 96))))
         for bm, bn, warps, stages in itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4)):
             if time.time() > deadline:
                 return
-            splits = enc._splits(triton.cdiv(B, bm), triton.cdiv(n, bn), enc.Device.of(x).sms, 8)
-            cfg = enc.EncoderConfig(bm, bn, 64, warps, stages, splits, 1)
-            rows.append((name, f"threshold {cfg}", _time(lambda: enc.threshold_select(x, W, c, cut, 96, config=cfg))))
+            splits = splits_for(triton.cdiv(B, bm), triton.cdiv(n, bn), Device.of(x).sms, 8)
+            cfg = EncoderConfig(bm, bn, 64, warps, stages, splits, 1)
+            rows.append((name, f"threshold {cfg}", _time(lambda: thr.threshold_select(x, W, c, cut, 96, config=cfg))))
 
 
 def tune_backward(deadline, rows):
@@ -82,11 +87,18 @@ def tune_backward(deadline, rows):
         rows.append((name, "write 2 x (n, d) bf16 (floor)",
                      _time(lambda: (torch.zeros(n, d, device="cuda", dtype=torch.bfloat16),
                                     torch.zeros(n, d, device="cuda", dtype=torch.bfloat16)))))
-        configs = [lb.LatentBackwardConfig(bl, bd, w) for bl, bd, w in itertools.product((4, 8, 16), (64, 128, 256), (4, 8))]
+        configs = [lb.LatentBackwardConfig(bl, bd, w)
+                   for bl, bd, w in itertools.product((4, 8, 16), (64, 128, 256), (4, 8))]
         for cfg in configs:
             if time.time() > deadline:
                 return
             rows.append((name, f"backward {cfg}", _time(lambda: lb.latent_backward(idx, n, dp, xc, v, gr, config=cfg))))
+
+
+def _fastest_first(row):
+    """Sort key: timed configs by time, then those that failed (their time is an error message)."""
+    failed = isinstance(row[2], str)
+    return failed, 0 if failed else row[2]
 
 
 def main():
@@ -105,7 +117,7 @@ def main():
     dev = torch.cuda.get_device_name()
     for wl in sorted({r[0] for r in rows}):
         print(f"\n== {wl} on {dev} (ms, median)")
-        for _, label, t in sorted((r for r in rows if r[0] == wl), key=lambda r: (isinstance(r[2], str), r[2] if not isinstance(r[2], str) else 0)):
+        for _, label, t in sorted((r for r in rows if r[0] == wl), key=_fastest_first):
             print(f"{t if isinstance(t, str) else f'{t:9.3f}'}  {label}")
     if args.out:
         with open(args.out, "w") as f:

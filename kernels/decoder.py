@@ -66,20 +66,16 @@ class DecoderConfig:
     num_warps: int
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def decode_config(K: int, d: int) -> DecoderConfig:
     """(BLOCK_K, BLOCK_D) tile of gathered rows: at most 8192 fp32 values live per program."""
-    bd = min(512, max(16, _pow2(d)))
-    bk = min(max(1, 8192 // bd), max(2, _pow2(K)), 32)
+    bd = min(512, max(16, triton.next_power_of_2(d)))
+    bk = min(max(1, 8192 // bd), max(2, triton.next_power_of_2(K)), 32)
     return DecoderConfig(bk, bd, 4)
 
 
 def gather_dot_config(K: int, d: int) -> DecoderConfig:
-    bk = min(32, max(2, _pow2(K)))
-    bd = min(256, max(16, _pow2(d)))
+    bk = min(32, max(2, triton.next_power_of_2(K)))
+    bd = min(256, max(16, triton.next_power_of_2(d)))
     return DecoderConfig(bk, bd, 4)
 
 
@@ -104,11 +100,13 @@ def sparse_decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, bias
     _sparse_decode_kernel[grid](
         values, idx, W, bias if bias is not None else W, out, K, d,
         values.stride(0), values.stride(1), idx.stride(0), idx.stride(1), W.stride(0), W.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps, enable_fp_fusion=True)
+        HAS_BIAS=bias is not None, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+        enable_fp_fusion=True)
     return out
 
 
-def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, config: DecoderConfig | None = None) -> torch.Tensor:
+def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor,
+               config: DecoderConfig | None = None) -> torch.Tensor:
     """(B, K) in W's dtype: <g[b], W[idx[b, j]]>."""
     _check(idx, W)
     B, K = idx.shape

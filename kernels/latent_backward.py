@@ -72,15 +72,11 @@ class LatentBackwardConfig:
     num_warps: int
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def latent_backward_config(n: int, d: int) -> LatentBackwardConfig:
     """8 latents x up to 256 columns per program, 4 warps: the fastest on an H100 for W1-W3 of
     benchmarks/triton_tune.py (0.40 ms at W2 where one latent at a time took 4.7 ms; 32 latents do not
     compile with Triton 3.6)."""
-    return LatentBackwardConfig(8, min(256, max(16, _pow2(d))), 4)
+    return LatentBackwardConfig(8, min(256, max(16, triton.next_power_of_2(d))), 4)
 
 
 # ============================================================================ launchers

@@ -106,11 +106,19 @@ def test_peers_compute_the_same_sae_when_installed(tmp_path):
     w = bench.quick(bench.WORKLOADS["cpu"])
     res = bench.run_workload(w, torch.device("cpu"), "fp32", ["torch"], ["sparsify", "saelens"], 0, 1, False)
     labels = [r.label for r in res.rows]
-    assert labels == ["encoder GEMM (floor)", "sae-fast [torch]", "sparsify", "SAELens rescale=True",
-                      "SAELens rescale=False"]
+    assert labels == ["encoder GEMM (floor)", "sae-fast [torch]", "sparsify", "sparsify (patched)",
+                      "SAELens rescale=True", "SAELens rescale=True (patched)", "SAELens rescale=False",
+                      "SAELens rescale=False (patched)"]
     for r in res.rows[1:]:
         assert r.status == "ok", (r.label, r.error)
         assert r.xhat_rel_err < 1e-5, r.label
+    # The patch is on only during a patched row's calls; the table of what it gives lists each patched row.
+    from sae_fast import integrations
+    assert not integrations.sparsify.is_patched() and not integrations.sae_lens.is_patched()
+    from sae_fast.bench.report import patched_rows
+    head, body = patched_rows(res)
+    assert [cells[0] for cells in body] == [label for label in labels if label.endswith("(patched)")]
+    assert all(cell.endswith("x") for cells in body for cell in cells[1:])
 
 
 def test_peak_memory_on_cpu_is_the_most_bytes_live_at_once_during_the_call():

@@ -1,11 +1,10 @@
 """Public ops trace under torch.compile: the kernels are torch.library custom ops with fake implementations."""
 import pytest
 import torch
+from helpers import CPU_BACKENDS, make_sae_tensors
 
 import sae_fast
 from sae_fast import SparseAutoencoder, custom_ops, ops
-
-from conftest import CPU_BACKENDS, make_sae_tensors
 
 
 def _loss(x, W_enc, b_enc, W_dec, b_dec):

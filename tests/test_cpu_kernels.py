@@ -9,28 +9,26 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from helpers import ref_topk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sae_fast import dispatch, ops, reference as R
+from sae_fast import dispatch, ops
+from sae_fast import reference as R
 
 pytest.importorskip("sae_fast._C", reason="sae_fast._C not built (source checkout)")
 from sae_fast.backends import cpu as cpu_mod  # noqa: E402  (must import whenever _C does)
 from sae_fast.backends.base import SparseBackend  # noqa: E402
+from sae_fast.backends.base import pad_rows as TORCH_PAD
 
 CPU = dispatch.lookup_backend("cpu")
 TORCH = SparseBackend()
-from sae_fast.backends.base import pad_rows as TORCH_PAD  # noqa: E402
 
 
 def int_tensors(B, d, n, seed=0, span=3):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randint(-span, span + 1, s, generator=g).float()
     return r(B, d), r(n, d), r(n) / 8, r(n, d), r(d)  # x, W_enc, b_enc, W_dec, b_dec
-
-
-def ref_topk(pre, k):
-    idx = R.topk_indices(pre, k)
-    return pre.gather(1, idx), idx.to(torch.int32)
 
 
 def test_cpu_backend_is_the_default_for_cpu_tensors(monkeypatch):

@@ -3,11 +3,10 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import make_sae_tensors
 
 import sae_fast
 from sae_fast import dispatch, ops
-
-from conftest import make_sae_tensors
 
 
 def test_reference_always_available_and_default_for_cpu(monkeypatch):

@@ -1,46 +1,43 @@
-"""Every sparse backend against reference.py: values, indices, every gradient, odd shapes, both dtypes."""
+"""Every sparse backend against reference.py: values, indices, every gradient, odd shapes, both dtypes.
+
+The triton backend joins where Triton's interpreter runs its kernels on CPU tensors (TRITON_INTERPRET=1,
+see conftest.py), at smaller sizes: the interpreter runs every program in numpy. Its kernels' own paths
+(configs, splits, GEMM + scan) are tested in test_triton_kernels.py.
+"""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from helpers import (
+    CPU_BACKENDS,
+    DTYPES,
+    INTERPRETED_TRITON,
+    close,
+    encode_decode,
+    grads_match,
+    make_sae_tensors,
+    ref_grads,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sae_fast
-from sae_fast import ops, reference as R
+from sae_fast import dispatch, ops
+from sae_fast import reference as R
 
-from conftest import CPU_BACKENDS, DTYPES, encode_decode, make_sae_tensors
-
+BACKENDS = CPU_BACKENDS + INTERPRETED_TRITON
 SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 7, 7), (16, 8, 64, 4), (9, 33, 1000, 32)]
+TRITON_SHAPES = [(1, 1, 1, 1), (7, 5, 33, 1), (33, 17, 70, 7), (9, 33, 300, 32), (5, 3, 6, 6)]
 
 
-def _ref_grads(fn, tensors):
-    """Run ``fn`` with the reference backend in float64 on the same (rounded) inputs."""
-    t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-    with sae_fast.use_backend("reference"):
-        out = fn(*t64)
-    return out, t64
+def backend_cases(shapes, triton_shapes):
+    """(backend, *shape) for each CPU backend at ``shapes`` and the interpreted triton at ``triton_shapes``."""
+    return ([(b, *s) for b in CPU_BACKENDS for s in shapes] +
+            [(b, *s) for b in INTERPRETED_TRITON for s in triton_shapes])
 
 
-def _close(a, b, atol, rtol, what):
-    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
-def _grads_match(loss_fn, out, ref_out, tensors, ref_tensors, atol, rtol):
-    params = [t for t in tensors if t.requires_grad]
-    ref_params = [t for t in ref_tensors if t.requires_grad]
-    g = torch.autograd.grad(loss_fn(*out), params, allow_unused=True)
-    g_ref = torch.autograd.grad(loss_fn(*ref_out), ref_params, allow_unused=True)
-    names = ["x", "W_enc", "b_enc", "W_dec", "b_dec", "theta"]
-    for name, a, b in zip(names[1:] if len(params) < len(names) else names, g, g_ref):
-        assert (a is None) == (b is None), f"grad {name}: one side has none"
-        if a is None:
-            continue
-        scale = b.abs().max().item() + 1.0
-        _close(a, b, atol * scale, rtol, f"grad {name}")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("B,d,n,k", SHAPES)
+@pytest.mark.parametrize("backend,B,d,n,k", backend_cases(SHAPES, TRITON_SHAPES))
 def test_topk_sae_matches_reference(backend, dtype, atol, rtol, B, d, n, k):
+    """Encode (with AuxK), decode, and every gradient of the one-node TopK SAE."""
     tensors = make_sae_tensors(B, d, n, dtype)
     dead = torch.arange(n) % 3 == 0
     k_aux = min(3, n)
@@ -50,27 +47,25 @@ def test_topk_sae_matches_reference(backend, dtype, atol, rtol, B, d, n, k):
 
     with sae_fast.use_backend(backend):
         out = fn(*tensors)
-    ref, t64 = _ref_grads(fn, tensors)
+    ref, t64 = ref_grads(fn, tensors)
     if dtype == torch.float32:
         assert torch.equal(out.indices, ref.indices)
         assert torch.equal(out.aux_indices, ref.aux_indices)
-    _close(R.sparse_to_dense(out.values, out.indices, n), R.sparse_to_dense(ref.values, ref.indices, n), atol, rtol, "values")
-    _close(out.x_hat, ref.x_hat, atol * 10, rtol, "x_hat")
-    assert out.indices.dtype == torch.int32 and out.values.dtype == dtype
+    close(R.sparse_to_dense(out.values, out.indices, n), R.sparse_to_dense(ref.values, ref.indices, n), atol, rtol,
+          "values")
+    close(R.sparse_to_dense(out.aux_values, out.aux_indices, n),
+          R.sparse_to_dense(ref.aux_values, ref.aux_indices, n), atol, rtol, "aux values")
+    close(out.x_hat, ref.x_hat, atol * 10, rtol, "x_hat")
+    assert out.indices.dtype == torch.int32 and out.values.dtype == dtype and out.x_hat.dtype == dtype
 
     loss = lambda v, i, xh, av, ai: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + av.float().sum()
-    _grads_match(loss, out, ref, tensors, t64, atol, rtol)
+    grads_match(loss, out, ref, tensors, t64, atol, rtol)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("B,d,n,k", SHAPES)
+@pytest.mark.parametrize("backend,B,d,n,k", backend_cases(SHAPES, [(13, 9, 70, 3)]))
 @pytest.mark.parametrize("act", ["topk", "batchtopk", "relu", "threshold", "jumprelu"])
 def test_encode_decode_matches_reference(backend, dtype, atol, rtol, B, d, n, k, act):
-    check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k)
-
-
-def check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k):
     """encode_decode with ``backend`` against reference.py in float64: values, x_hat, every gradient."""
     tensors = make_sae_tensors(B, d, n, dtype, seed=1)
     theta = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(dtype).requires_grad_()
@@ -80,7 +75,7 @@ def check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k):
 
     with sae_fast.use_backend(backend):
         out = fn(*tensors, theta)
-    ref, t64 = _ref_grads(fn, tensors + [theta])
+    ref, t64 = ref_grads(fn, tensors + [theta])
     dense, dense_ref = R.sparse_to_dense(out[0], out[1], n), R.sparse_to_dense(ref[0], ref[1], n)
     if act == "jumprelu" and dtype == torch.bfloat16:
         # A pre-activation within bf16 rounding of its threshold may land on either side.
@@ -88,14 +83,14 @@ def check_encode_decode(backend, act, dtype, atol, rtol, B, d, n, k):
         far = (pre - theta.detach().double()).abs() > 2e-2 * theta.detach().double()
         dense, dense_ref = dense * far, dense_ref * far
     else:
-        _close(out[2], ref[2], atol * 10, rtol, "x_hat")
-    _close(dense, dense_ref, atol, rtol, "values")
+        close(out[2], ref[2], atol * 10, rtol, "x_hat")
+    close(dense, dense_ref, atol, rtol, "values")
     if act == "topk" and dtype == torch.float32:
         assert torch.equal(out[1], ref[1])
     loss = lambda v, i, xh, l0: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + l0.float()
     if act == "jumprelu" and dtype == torch.bfloat16:
         return  # entries within bf16 rounding of theta flip sides; the fp32 case checks theta's gradient
-    _grads_match(loss, out, ref, tensors + [theta], t64, atol, rtol)
+    grads_match(loss, out, ref, tensors + [theta], t64, atol, rtol)
 
 
 MASTER_ACTS = ["topk_sae", "topk", "batchtopk", "relu", "threshold", "jumprelu"]
@@ -132,29 +127,54 @@ def check_master_weights(backend, act, B=13, d=9, n=70, k=3):
     with sae_fast.use_backend(backend):
         out = fn(*tensors)
     assert out[0].dtype == out[2].dtype == torch.bfloat16, "values and x_hat come back in the activations' dtype"
-    ref, t64 = _ref_grads(fn, tensors)
+    ref, t64 = ref_grads(fn, tensors)
     dense, dense_ref = R.sparse_to_dense(out[0], out[1], n), R.sparse_to_dense(ref[0], ref[1], n)
     pre = R.pre_activations(*[t.detach().double() for t in (x, weights[0], weights[1], weights[3])])
     bound = _selection_boundary(act, pre, k, theta.detach().double())
     near = (pre - bound).abs() <= 2e-2 * bound.abs() + 1e-2
     flipped = (dense != 0) != (dense_ref != 0)
     assert not (flipped & ~near).any(), "an entry far from its selection boundary changed sides"
-    _close(dense * ~flipped, dense_ref * ~flipped, 3e-2, 3e-2, "values")
+    close(dense * ~flipped, dense_ref * ~flipped, 3e-2, 3e-2, "values")
     loss = lambda v, i, xh, extra: (xh.float() ** 2).sum() + (v.float() ** 2).sum() + extra.float()
     used = len(tensors) if act == "jumprelu" else len(tensors) - 1  # theta only matters to JumpReLU
     grads = torch.autograd.grad(loss(*out), tensors[:used], retain_graph=True)
     assert [g.dtype for g in grads] == [t.dtype for t in tensors[:used]], "each gradient in its input's dtype"
     if not flipped.any():
-        _close(out[2], ref[2], 3e-1, 3e-2, "x_hat")
-        _grads_match(loss, out, ref, tensors[:used], t64[:used], 3e-2, 3e-2)
+        close(out[2], ref[2], 3e-1, 3e-2, "x_hat")
+        grads_match(loss, out, ref, tensors[:used], t64[:used], 3e-2, 3e-2)
     return bool(flipped.any())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def _spy_triton_encoder_weights(monkeypatch, master_in_kernel):
+    """Set the triton backend's ``master_in_kernel`` option; the list it returns collects the dtype of each
+    W_enc handed to the fused encoders."""
+    from sae_fast.backends.triton import EncoderOptions
+    from sae_fast.kernels import threshold_encoder, topk_encoder
+
+    monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(master_in_kernel=master_in_kernel))
+    seen = []
+    for module, name in ((topk_encoder, "topk_select"), (threshold_encoder, "threshold_select")):
+        original = getattr(module, name)
+        spy = (lambda f: lambda x, W, *a, **kw: seen.append(W.dtype) or f(x, W, *a, **kw))(original)
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+# triton twice: its encoder tiles get a per-call bf16 copy of W_enc, or the fp32 weights (master_in_kernel).
+MASTER_CASES = [(b, None) for b in CPU_BACKENDS] + [(b, m) for b in INTERPRETED_TRITON for m in (False, True)]
+
+
+@pytest.mark.parametrize("backend,master_in_kernel", MASTER_CASES)
 @pytest.mark.parametrize("act", MASTER_ACTS)
 @pytest.mark.parametrize("n", [70, 8])  # 8: B*k > 3n, so the gathers read a bf16 copy of W_dec (ops._gathered)
-def test_master_weights_beside_bf16_activations(backend, act, n):
+def test_master_weights_beside_bf16_activations(monkeypatch, backend, master_in_kernel, act, n):
+    """fp32 weights with bf16 x. The triton backend's encoder tiles get a bf16 copy, or (master_in_kernel)
+    the fp32 weights themselves and round them in registers; its decoder and backward kernels read fp32
+    and write fp32 gradients."""
+    seen = _spy_triton_encoder_weights(monkeypatch, master_in_kernel) if backend == "triton" else None
     check_master_weights(backend, act, n=n)
+    if seen is not None and act != "batchtopk":  # BatchTopK selects through the torch backend's candidates
+        assert seen and set(seen) == {torch.float32 if master_in_kernel else torch.bfloat16}
 
 
 @pytest.mark.parametrize("act", MASTER_ACTS)
@@ -218,11 +238,20 @@ def test_ties_lower_index_wins(backend):
     assert i.tolist() == [[0, 1, 2, 3]] * 4
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 40), d=st.integers(1, 24), n=st.integers(1, 300), data=st.data())
-def test_topk_fuzzed_shapes(backend, B, d, n, data):
-    check_topk_against_reference(backend, B, d, n, data.draw(st.integers(1, n)))
+# (examples, largest B, d, n) per backend: fewer and smaller for the interpreted triton.
+FUZZ = {"triton": (6, 20, 20, 90)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_fuzzed_shapes(backend):
+    examples, B_max, d_max, n_max = FUZZ.get(backend, (25, 40, 24, 300))
+
+    @settings(max_examples=examples, deadline=None)
+    @given(B=st.integers(1, B_max), d=st.integers(1, d_max), n=st.integers(1, n_max), data=st.data())
+    def fuzz(B, d, n, data):
+        check_topk_against_reference(backend, B, d, n, data.draw(st.integers(1, n)))
+
+    fuzz()
 
 
 def check_topk_against_reference(backend, B, d, n, k):
@@ -265,14 +294,15 @@ def test_gradients_bitwise_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def test_gradcheck_sparse_backends_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_sparse_backends_float64(backend):
+    """float64 (triton: it falls back to the torch backend) with exact gradients."""
     x, W_enc, b_enc, W_dec, b_dec = [t.double().detach().requires_grad_() for t in make_sae_tensors(4, 3, 7)]
-    for backend in CPU_BACKENDS:
-        with sae_fast.use_backend(backend):
-            f = lambda x, We, be, Wd, bd: ops.topk_sae(x, We, be, Wd, bd, 2).x_hat
-            assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec, b_dec))
-            g = lambda We, be, bd: ops.relu_encode(x, We, be, bd)[0]
-            assert torch.autograd.gradcheck(g, (W_enc, b_enc, b_dec))
+    with sae_fast.use_backend(backend):
+        f = lambda x, We, be, Wd, bd: ops.topk_sae(x, We, be, Wd, bd, 2).x_hat
+        assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec, b_dec))
+        g = lambda We, be, bd: ops.relu_encode(x, We, be, bd)[0]
+        assert torch.autograd.gradcheck(g, (W_enc, b_enc, b_dec))
 
 
 def test_b_dec_gradient_through_the_gemv_form(monkeypatch):
@@ -310,9 +340,9 @@ def test_decoder_norm_l1_and_its_gradients_match_reference(backend, dtype, B, K,
     ref = R.l1_penalty(v64, idx, w64)
     gv_ref, gw_ref = torch.autograd.grad(ref * 3.0, (v64, w64))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    _close(l1, ref, tol, tol, "l1")
-    _close(gv, gv_ref, tol, tol, "grad values")
-    _close(gw, gw_ref, tol, tol, "grad W_dec")
+    close(l1, ref, tol, tol, "l1")
+    close(gv, gv_ref, tol, tol, "grad values")
+    close(gw, gw_ref, tol, tol, "grad W_dec")
     assert torch.equal(gv, again[0]) and torch.equal(gw, again[1])  # bitwise, run to run
 
 

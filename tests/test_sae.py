@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS
 
 import sae_fast
-from sae_fast import SAEConfig, SparseAutoencoder, reference as R
-
-from conftest import CPU_BACKENDS
+from sae_fast import SAEConfig, SparseAutoencoder
+from sae_fast import reference as R
 
 ACTS = ["topk", "batchtopk", "relu", "jumprelu"]
 

@@ -5,11 +5,12 @@ runs it with the benchmark).
 """
 import pytest
 import torch
+from helpers import make_sae_tensors
 
 import sae_fast
-from sae_fast import ops, reference as R
-
-from conftest import make_sae_tensors
+from sae_fast import dispatch, ops
+from sae_fast import reference as R
+from sae_fast.bench.workloads import WORKLOADS
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 DEV = "cuda"
+W1, W2 = WORKLOADS["w1"], WORKLOADS["w2"]
 
 
 def _truth(x, W_enc, b_enc, b_dec):
@@ -29,7 +31,7 @@ def test_triton_is_the_default_for_cuda_tensors(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,d,n,k", [(4096, 768, 32768, 32), (1000, 1024, 65536, 64), (333, 129, 5000, 1)])
+@pytest.mark.parametrize("B,d,n,k", [W1.shape, (1000, 1024, 65536, 64), (333, 129, 5000, 1)])
 def test_topk_selects_the_true_top_k(dtype, B, d, n, k):
     x, W_enc, b_enc, W_dec, b_dec = make_sae_tensors(B, d, n, dtype, requires_grad=False, device=DEV)
     with sae_fast.use_backend("triton"):
@@ -55,8 +57,8 @@ def test_topk_sae_gradients_match_reference(dtype, tol):
             out = ops.topk_sae(*ts, k, dead, 16)
         return (out.x_hat.float() ** 2).sum() + out.aux_values.float().sum(), out
 
-    l, out = loss("triton", tensors)
-    grads = torch.autograd.grad(l, tensors[1:])
+    total, out = loss("triton", tensors)
+    grads = torch.autograd.grad(total, tensors[1:])
     t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
     l64, ref = loss("reference", t64)
     grads64 = torch.autograd.grad(l64, t64[1:])
@@ -66,11 +68,12 @@ def test_topk_sae_gradients_match_reference(dtype, tol):
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads, grads64):
         scale = b.abs().max().item() + 1.0
         err = (a.double() - b).abs().max().item() / scale
-        assert err < (5e-2 if dtype == torch.bfloat16 else 1e-3), f"grad {name}: max error {err:.2e} of scale {scale:.2e}"
+        assert err < (5e-2 if dtype == torch.bfloat16 else 1e-3), \
+            f"grad {name}: max error {err:.2e} of scale {scale:.2e}"
 
 
 def test_backward_is_bitwise_deterministic():
-    tensors = make_sae_tensors(4096, 768, 32768, torch.bfloat16, device=DEV)
+    tensors = make_sae_tensors(W1.batch, W1.d, W1.n, torch.bfloat16, device=DEV)
 
     def grads():
         with sae_fast.use_backend("triton"):
@@ -125,15 +128,15 @@ def test_encoder_memory_does_not_grow_with_n():
 
 
 def test_master_weights_in_the_tiles_choose_what_a_bf16_copy_chooses(monkeypatch):
-    """MASTER_IN_KERNEL rounds fp32 W_enc to bf16 in registers (round to nearest even, as .to() does):
+    """master_in_kernel rounds fp32 W_enc to bf16 in registers (round to nearest even, as .to() does):
     the same latents and scores as the per-call bf16 copy."""
-    from sae_fast.kernels import encoder as enc
+    from sae_fast.backends.triton import EncoderOptions
 
-    x, W_enc, b_enc, _, b_dec = make_sae_tensors(4096, 768, 32768, torch.float32, requires_grad=False, device=DEV)
+    x, W_enc, b_enc, _, b_dec = make_sae_tensors(W1.batch, W1.d, W1.n, torch.float32, requires_grad=False, device=DEV)
     x = x.bfloat16()
     runs = []
     for in_kernel in (False, True):
-        monkeypatch.setattr(enc, "MASTER_IN_KERNEL", in_kernel)
+        monkeypatch.setattr(dispatch.lookup_backend("triton"), "options", EncoderOptions(master_in_kernel=in_kernel))
         with sae_fast.use_backend("triton"):
             runs.append(ops.topk_encode(x, W_enc, b_enc, b_dec, 32))
     assert torch.equal(runs[0][1], runs[1][1])
@@ -146,7 +149,7 @@ def test_autocast_training_step_gets_fp32_gradients_without_weight_copies():
     decoder gathers read the fp32 W_dec, see ops._gathered)."""
     from sae_fast import SparseAutoencoder
 
-    d, n = 768, 131072
+    d, n = W2.d, W2.n
     sae = SparseAutoencoder(d, n, "topk", k=32, k_aux=0, seed=0, device=DEV)
     x = torch.randn(2048, d, device=DEV)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -176,14 +179,15 @@ def test_autocast_training_step_gets_fp32_gradients_without_weight_copies():
 
 @pytest.mark.parametrize("chunk", [2048, 5000])
 def test_gemm_scan_selects_the_true_top_k(chunk):
-    """encoder.topk_scan (cuBLAS fp32-output chunks + the scan kernel), with AuxK, at W1's shape."""
-    from sae_fast.kernels import encoder as enc
+    """scan_encoder.topk_scan (cuBLAS fp32-output chunks + the scan kernel), with AuxK, at W1's shape."""
+    from sae_fast.kernels.encoder_common import fold_bias
+    from sae_fast.kernels.scan_encoder import topk_scan
 
-    B, d, n, k = 4096, 768, 32768, 32
+    B, d, n, k = W1.shape
     x, W_enc, b_enc, _, b_dec = make_sae_tensors(B, d, n, torch.bfloat16, requires_grad=False, device=DEV)
     dead = torch.arange(n, device=DEV) % 5 == 0
-    c = enc.fold_bias(W_enc, b_enc, b_dec)
-    pre, idx, aux_pre, aux_idx = enc.topk_scan(x, W_enc, c, k, dead, 16, torch.float32, chunk)
+    c = fold_bias(W_enc, b_enc, b_dec)
+    pre, idx, aux_pre, aux_idx = topk_scan(x, W_enc, c, k, dead, 16, torch.float32, chunk)
     p = _truth(x, W_enc, b_enc, b_dec)
     for got_idx, got_pre, scores, kk in ((idx, pre, p, k), (aux_idx, aux_pre, p.masked_fill(~dead, -1e30), 16)):
         true_v = scores.topk(kk, dim=1).values

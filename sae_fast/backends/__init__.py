@@ -1,1 +1,1 @@
-"""Backend implementations of the sparse kernel interface (see base.py). ops.py registers and chooses them."""
+"""Backend implementations of the sparse kernel interface (see base.py). dispatch.py registers and chooses them."""

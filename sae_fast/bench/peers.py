@@ -112,6 +112,34 @@ def saelens_harness(setup: Setup, rescale: bool | None) -> Harness:
     return Harness(forward, list(sae.parameters()), None, _renorm_rows(sae.W_dec))
 
 
+PATCHED = " (patched)"  # label suffix of a peer row run under sae_fast.integrations' patch
+
+
+def patched_harness(build: Callable[[Setup], Harness], library: str) -> Callable[[Setup], Harness]:
+    """The peer's own harness with its forward run under ``sae_fast.integrations.<library>.patched()``: only
+    during its calls, so the unpatched rows timed round-robin beside it stay unpatched (the backward needs no
+    patch: autograd recorded sae-fast's ops in the forward)."""
+    def build_patched(setup: Setup) -> Harness:
+        from .. import integrations
+        integration = getattr(integrations, library)
+        h = build(setup)
+        forward = h.forward
+
+        def patched_forward(x):
+            with integration.patched():
+                return forward(x)
+
+        h.forward = patched_forward
+        return h
+    return build_patched
+
+
+def _with_patched(c: Contestant, library: str) -> list[Contestant]:
+    """The peer's row and the same row patched."""
+    return [c, Contestant(c.label + PATCHED, c.kind, f"{c.settings}; forward under sae_fast.integrations."
+                          f"{library}.patched()", patched_harness(c.build, library), c.package)]
+
+
 class NotApplicable(Exception):
     """A peer that has no equivalent of this workload's math."""
 
@@ -140,20 +168,20 @@ def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Con
         if os.environ.get("SPARSIFY_DISABLE_TRITON") == "1" and dev.type != "cpu":
             decoder = "eager embedding_bag (SPARSIFY_DISABLE_TRITON=1 from the environment)"
         autocast = "; its forward autocasts to bf16 on CUDA by itself" if dev.type == "cuda" else ""
-        out.append(Contestant("sparsify", "peer", f"SparseCoder(topk, k={w.k}), decoder: {decoder}{autocast}; "
-                              "step: remove_gradient_parallel_to_decoder_directions, Adam, "
-                              "set_decoder_norm_to_unit_norm", sparsify_harness, "sparsify"))
+        out += _with_patched(Contestant("sparsify", "peer", f"SparseCoder(topk, k={w.k}), decoder: {decoder}"
+                                        f"{autocast}; step: remove_gradient_parallel_to_decoder_directions, Adam, "
+                                        "set_decoder_norm_to_unit_norm", sparsify_harness, "sparsify"), "sparsify")
     if "saelens" in peers:
         renorm = ("Adam, decoder rows renormalised by the bench (as ours; SAELens's trainer does not, and clips grad "
                   "norm, not done here)")
         if w.activation == "topk":
             for rescale in (True, False):
-                out.append(Contestant(f"SAELens rescale={rescale}", "peer",
-                                      f"TopKTrainingSAE(k={w.k}, rescale_acts_by_decoder_norm={rescale}), "
-                                      f"training_forward_pass; step: {renorm}",
-                                      lambda s, r=rescale: saelens_harness(s, r), "sae_lens"))
+                out += _with_patched(Contestant(f"SAELens rescale={rescale}", "peer",
+                                                f"TopKTrainingSAE(k={w.k}, rescale_acts_by_decoder_norm={rescale}), "
+                                                f"training_forward_pass; step: {renorm}",
+                                                lambda s, r=rescale: saelens_harness(s, r), "sae_lens"), "sae_lens")
         else:
-            out.append(Contestant("SAELens", "peer", f"StandardTrainingSAE(l1_coefficient={L1_COEFF}) ({act}), "
-                                  f"training_forward_pass; step: {renorm}",
-                                  lambda s: saelens_harness(s, None), "sae_lens"))
+            out += _with_patched(Contestant("SAELens", "peer", f"StandardTrainingSAE(l1_coefficient={L1_COEFF}) "
+                                            f"({act}), training_forward_pass; step: {renorm}",
+                                            lambda s: saelens_harness(s, None), "sae_lens"), "sae_lens")
     return out

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .measure import PHASE_TITLE, PHASES, Result
+from .peers import PATCHED
 from .workloads import ADAM_LR
 
 
@@ -64,6 +65,22 @@ def speedup_rows(res: Result) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def patched_rows(res: Result) -> tuple[list[str], list[list[str]]]:
+    """Each patched peer row against the same peer unpatched: what sae_fast.integrations gives inside it."""
+    by_label = {r.label: r for r in res.rows}
+    head = ["speedup of the patch (unpatched / patched)"] + [PHASE_TITLE[p] for p in PHASES]
+    body = []
+    for r in res.rows:
+        base = by_label.get(r.label[:-len(PATCHED)]) if r.label.endswith(PATCHED) else None
+        if base is None:
+            continue
+        if r.status != "ok" or base.status != "ok":
+            body.append([r.label] + [r.status if r.status != "ok" else base.status] * len(PHASES))
+            continue
+        body.append([r.label] + [_speedup(base.median(p), r.median(p)) for p in PHASES])
+    return head, body
+
+
 def text_table(head, body) -> str:
     """Aligned columns: the first left-justified, the others right-justified; a last column named "status" is
     left as it is (free text)."""
@@ -113,9 +130,9 @@ def render_text(results: list[Result], meta: dict) -> str:
     for res in results:
         out += ["", _title(res, meta)]
         out.append(text_table(*table_rows(res)))
-        head, body = speedup_rows(res)
-        if body:
-            out += ["", text_table(head, body)]
+        for head, body in (speedup_rows(res), patched_rows(res)):
+            if body:
+                out += ["", text_table(head, body)]
         for note in res.notes:
             out.append(f"note: {note}")
     out += ["", "x floor: time / the encoder GEMM's time (fwd column of the floor row). x_hat err: max |x_hat - "
@@ -140,9 +157,9 @@ def render_markdown(results: list[Result], meta: dict) -> str:
            f"- peak memory: {meta['memory_method']}", ""]
     for res in results:
         out += [f"## {_title(res, meta)}", "", markdown_table(*table_rows(res)), ""]
-        head, body = speedup_rows(res)
-        if body:
-            out += [markdown_table(head, body), ""]
+        for head, body in (speedup_rows(res), patched_rows(res)):
+            if body:
+                out += [markdown_table(head, body), ""]
         out += [f"- note: {n}" for n in res.notes]
     out += ["", "## What each row ran", "", SAME_FOR_ALL, ""]
     out += [f"- **{r.label}**: {r.settings}" for r in results[0].rows]

@@ -8,6 +8,7 @@ and reports the median of repeated calls:
     peers        EleutherAI sparsify (``SparseCoder``) and SAELens (``TopKTrainingSAE`` with
                  rescale_acts_by_decoder_norm True and False; ``StandardTrainingSAE`` for ReLU+L1),
                  when installed; a peer that is missing or fails is a row saying so, never dropped.
+                 Each also as "<peer> (patched)": its forward under ``sae_fast.integrations``' patch.
 Phases: ``fwd`` (the training forward: autograd on, loss computed), ``fwd+bwd`` (plus ``loss.backward()``),
 ``step`` (plus the library's decoder-gradient projection if it has one, ``torch.optim.Adam``, and
 decoder-row renormalisation). Peak memory is measured in a separate call of each phase. On CPU the rows are
