@@ -3,10 +3,9 @@ backward (dW_enc, db_enc, dW_dec in one pass). The reference backend has no prim
 differentiates the dense math); its cost is in test_bench_sae.py."""
 import pytest
 import torch
+from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 import sae_fast
-
-from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 
 def _primitive_inputs(B, d, n, k):

@@ -2,10 +2,9 @@
 (gather-dot for d values, latent-sorted dW_dec), per backend."""
 import pytest
 import torch
+from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 from sae_fast import ops
-
-from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 
 def _code(B, n, k, requires_grad=False):

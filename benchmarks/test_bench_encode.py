@@ -2,10 +2,9 @@
 the dense (B, n) pre-activations; fused backends must not."""
 import pytest
 import torch
+from conftest import backends, make_inputs, run, shape_id, shapes
 
 from sae_fast import ops
-
-from conftest import backends, make_inputs, run, shape_id, shapes
 
 
 @pytest.mark.parametrize("backend", backends())

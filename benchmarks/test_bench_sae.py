@@ -3,10 +3,9 @@ SparseAutoencoder training step (Adam, decoder renorm) per backend. `sae-fast be
 step side by side with the GEMM floor and the peer libraries."""
 import pytest
 import torch
+from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 from sae_fast import SparseAutoencoder, ops
-
-from conftest import DEVICE, backends, dtype, make_inputs, run, shape_id, shapes
 
 
 @pytest.mark.parametrize("backend", backends())

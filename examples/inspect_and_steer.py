@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from sae_fast import SparseAutoencoder, features
-from sae_fast.activations import collect_text, default_corpus, load_model
+from sae_fast.activations import collect_text, default_corpus, load_model, read_normalization
 from sae_fast.steer import steer
-from sae_fast.activations import read_normalization
 
 LAYER = "encoder.layer.3"
 

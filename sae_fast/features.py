@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import html
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor

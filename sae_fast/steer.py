@@ -16,7 +16,7 @@ nothing, and only the named latents move. Clamping a feature to 5x its maximum a
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +101,7 @@ class Steering:
     def _hook(self, module, args, output):
         return _replace_first(output, self.edit(first_tensor(output, self.layer)))
 
-    def __enter__(self) -> "Steering":
+    def __enter__(self) -> Steering:
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 

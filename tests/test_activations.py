@@ -3,11 +3,21 @@ import json
 
 import pytest
 import torch
+from hf_tiny import tiny_model_dir, tokenizer, transformers, write_corpus
 from torch import nn
 
-from hf_tiny import tiny_model_dir, tokenizer, transformers, write_corpus
-from sae_fast.activations import (ActivationStore, LayerCapture, capture, collect_text, default_corpus,
-                                  load_model, middle_layer, read_corpus, resolve_layers, window_batches)
+from sae_fast.activations import (
+    ActivationStore,
+    LayerCapture,
+    capture,
+    collect_text,
+    default_corpus,
+    load_model,
+    middle_layer,
+    read_corpus,
+    resolve_layers,
+    window_batches,
+)
 from sae_fast.activations.corpus import special_tokens
 
 

@@ -1,11 +1,11 @@
 """sae_fast.features: decoder neighbours, top-activating tokens (checked against a brute-force scan), and the
 features on a prompt, on a tiny GPT-2 loaded through from_pretrained."""
-import itertools
 
 import pytest
 import torch
+from hf_tiny import tiny_model_dir
+from hf_tiny import tokenizer as tiny_tokenizer
 
-from hf_tiny import tiny_model_dir, tokenizer as tiny_tokenizer
 from sae_fast import SparseAutoencoder, features
 from sae_fast.activations import capture
 
@@ -76,6 +76,7 @@ def test_on_prompt_lists_each_token_with_its_strongest_latents(setup):
 
 def test_features_cli_prints_contexts_and_writes_a_dashboard(setup, tmp_path, capsys):
     from hf_tiny import write_corpus
+
     from sae_fast.cli import main
 
     _, _, sae = setup

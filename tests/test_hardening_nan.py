@@ -3,10 +3,9 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import CPU_BACKENDS, make_sae_tensors
 
 from sae_fast import SparseAutoencoder, ops
-
-from conftest import CPU_BACKENDS, make_sae_tensors
 
 BACKENDS = ["reference"] + CPU_BACKENDS
 if importlib.util.find_spec("triton") is not None and "triton" in ops.available_backends():

@@ -67,9 +67,20 @@ def sl():
 
 
 def _saelens_case(sl, case):
-    from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUSAE, JumpReLUSAEConfig,
-                               JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, StandardSAE, StandardSAEConfig,
-                               TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens.saes import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     kw = dict(d_in=D, d_sae=N)
     return {
         "topk": lambda: TopKSAE(TopKSAEConfig(k=K, **kw)),

@@ -2,8 +2,8 @@
 when nothing is asked, and steering a causal LM changes its logits only while the context is active."""
 import pytest
 import torch
-
 from hf_tiny import tiny_model_dir
+
 from sae_fast import SparseAutoencoder
 from sae_fast.activations import capture
 from sae_fast.steer import steer
@@ -87,6 +87,7 @@ def test_bad_requests_are_clear(lm):
 
 def test_steer_cli_generates_plain_and_steered(tmp_path, capsys):
     from hf_tiny import write_corpus
+
     from sae_fast.cli import main
 
     sae = SparseAutoencoder(32, 48, "topk", k=4, seed=0)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_tiny import tiny_model_dir, write_corpus
 from safetensors.torch import load_file
 
-from hf_tiny import tiny_model_dir, write_corpus
 from sae_fast import SparseAutoencoder, ops
-from sae_fast.io import load_sae
 from sae_fast.cli import main
-from sae_fast.train import Trainer, TrainConfig, list_checkpoints
+from sae_fast.io import load_sae
+from sae_fast.train import TrainConfig, Trainer, list_checkpoints
 from sae_fast.train.config import add_dataclass_arguments, config_from_args, field_docs
 from sae_fast.train.schedule import lr_factor, sparsity_factor
 

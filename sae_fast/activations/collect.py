@@ -1,8 +1,8 @@
 """Run a model over a corpus and keep the activations of some layers: the training data of an SAE."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm import tqdm

@@ -9,8 +9,8 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 

@@ -23,9 +23,9 @@ from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
 from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
+from ..activations.normalization import save_normalization
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
-from ..activations.normalization import save_normalization
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_curves
