@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, make_sae_tensors
+from helpers import CPU_BACKENDS, make_sae_tensors
 
 from sae_fast import SparseAutoencoder, ops
 
