@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import CPU_BACKENDS
+from helpers import CPU_BACKENDS
 
 SETUP = """
 import torch, sae_fast
