@@ -10,9 +10,9 @@ from sae_fast import SparseAutoencoder, ops
 BACKENDS = ["reference"] + CPU_BACKENDS
 if importlib.util.find_spec("triton") is not None and "triton" in ops.available_backends():
     # Under TRITON_INTERPRET=1 here (tiny sizes). Its packed sort keys still rank NaN below numbers:
-    # not fixed yet (kernels/encoder.py), kept visible as a strict xfail.
+    # not fixed yet (kernels/topk_encoder.py), kept visible as a strict xfail.
     BACKENDS.append(pytest.param("triton", marks=pytest.mark.xfail(
-        strict=True, reason="triton encoder keys drop NaN scores (kernels/encoder.py), issue 20")))
+        strict=True, reason="triton encoder keys drop NaN scores (kernels/topk_encoder.py), issue 20")))
 
 
 def _encode(backend, x, W_enc, b_enc, b_dec, k):
