@@ -1,0 +1,32 @@
+"""`sae-fast`: the command-line entry point. Each subcommand's options are listed by `sae-fast <cmd> --help`.
+
+One module per subcommand: each defines its runner and `add_parser(sub)`.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from sae_fast.cli import bench, demo, features, info, steer, train
+
+COMMANDS = (info, demo, bench, train, features, steer)  # the order `sae-fast --help` lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-fast", description=__doc__.split(":", 1)[1].split("\n")[0].strip())
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = "sae-fast " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
