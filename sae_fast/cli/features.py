@@ -69,7 +69,7 @@ def _features(args) -> int:
         chosen = latents if latents is not None else stats.choose(args.pages, args.sort)
         neighbours = features.all_neighbours(sae, min(args.neighbours, sae.n_latents - 1))
         logits = features.logit_effects(model, sae, chosen, scale=scale, tokenizer=tok) if args.logits else None
-        for r, i in enumerate(chosen[:args.count]):
+        for r, i in enumerate(chosen[:args.count] if contrast is None else []):  # the contrast printed its own
             print(stats.show(i))
             print("  neighbours: " + ", ".join(f"{j} ({s:.2f})" for s, j in
                                                zip(neighbours[0][i, :3].tolist(), neighbours[1][i, :3].tolist())))

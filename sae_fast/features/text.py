@@ -10,10 +10,11 @@ def token_pieces(tokenizer, ids: list[int], left: list[int] | None = None) -> li
     what decoding one more token adds (so ``##ded`` joins its word and ``Ġline`` keeps its space). ``left``:
     tokens just before ``ids``, decoded first and dropped, so a context cut mid-word starts as ``ded``."""
     left = list(left or [])
-    prev = tokenizer.decode(left) if left else ""
+    # One batch call for every prefix: much less per-call overhead than decoding them one by one.
+    prefixes = tokenizer.batch_decode([left + ids[: i + 1] for i in range(len(ids))] + ([left] if left else []))
+    prev = prefixes.pop() if left else ""
     pieces = []
-    for i in range(len(ids)):
-        full = tokenizer.decode(left + ids[: i + 1])
+    for i, full in enumerate(prefixes):
         if full.startswith(prev):
             pieces.append(full[len(prev):])
         else:  # decoding changed earlier text (a byte-level BPE character completed): fall back to the token
