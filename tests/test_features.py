@@ -70,6 +70,9 @@ def test_top_examples_match_a_brute_force_scan(setup):
     torch.testing.assert_close(top.density, fires.sum(0).double() / keep.sum())
     torch.testing.assert_close(top.mean_activation, dense.sum(0) / fires.sum(0).clamp_min(1), atol=1e-5, rtol=1e-5)
     assert torch.equal(top.hist.sum(1).long(), top.count)
+    for i in fires.any(0).nonzero().squeeze(1).tolist():  # each firing in its log-spaced bin
+        bins = torch.bucketize(dense[fires[:, i], i], features.HIST_EDGES[1:-1])
+        assert torch.equal(top.hist[i].long(), torch.bincount(bins, minlength=48))
     seen = top.sample_tokens >= 0
     assert torch.equal(seen.sum(1), top.count.clamp_max(5))  # min(samples, firings) each
     for i, j in seen.nonzero().tolist():  # scan order is not the brute force's: match by token id and value

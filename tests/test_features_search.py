@@ -88,3 +88,26 @@ def test_cross_lingual_counts_by_the_definition(setup):
     assert "pairs fire in every language" in found.show()
     with pytest.raises(ValueError, match="lack a sentence"):
         features.cross_lingual(model, tok, "h.1", sae, concepts=mine, languages=["x", "z"])
+
+
+def test_cli_contrast_languages_and_logits(setup, tmp_path, capsys):
+    import json
+
+    from sae_fast.cli import main
+
+    _, _, sae = setup
+    sae.save(tmp_path / "sae")
+    (tmp_path / "sae" / "normalization.json").write_text('{"layer": "h.1", "scale": 1.0}')
+    for name, texts in (("pos.jsonl", POS), ("neg.jsonl", NEG)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    base = ["features", "--sae", str(tmp_path / "sae"), "--model", str(tiny_model_dir("gpt2")), "--tokens", "300"]
+    assert main(base + ["--contrast", str(tmp_path / "pos.jsonl"), str(tmp_path / "neg.jsonl"), "--level", "text",
+                        "--out", str(tmp_path / "site")]) == 0
+    out = capsys.readouterr().out
+    assert "features firing more on the positives (text level)" in out and "dashboard:" in out
+    assert main(base + ["--languages", "--count", "2"]) == 0
+    assert "36 concepts in en, fr, de, zh" in capsys.readouterr().out
+    assert main(base + ["--logits", "--count", "1", "--pages", "2", "--out", str(tmp_path / "lsite")]) == 0
+    assert "promotes:" in capsys.readouterr().out
+    page = next((tmp_path / "lsite" / "f").glob("*.html")).read_text(encoding="utf-8")
+    assert "Logit effects (final norm applied)" in page

@@ -212,7 +212,7 @@ def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: i
     gen = torch.Generator().manual_seed(seed)
     count = torch.zeros(n, dtype=torch.long)
     total = torch.zeros(n, dtype=torch.float64)
-    hist = torch.zeros(n * (HIST_EDGES.numel() - 1), dtype=torch.long)
+    hist = torch.zeros(n * (HIST_EDGES.numel() - 1), dtype=torch.int32)
     best_v, best_t = torch.full((n, top), -float("inf")), torch.full((n, top), -1, dtype=torch.long)
     keys = torch.full((n, samples), -float("inf"))
     samp_v, samp_t = torch.full((n, samples), -float("inf")), torch.full((n, samples), -1, dtype=torch.long)
@@ -232,10 +232,11 @@ def top_examples(model, tokenizer, layer: str, sae, texts: Iterable[str], top: i
         count += torch.bincount(lat, minlength=n)
         total.index_add_(0, lat, val.double())
         bins = torch.bucketize(val, HIST_EDGES[1:-1])
-        hist += torch.bincount(lat * (HIST_EDGES.numel() - 1) + bins, minlength=hist.numel())
+        # Scatter the firings only: a bincount over all n x 48 bins per batch would cost O(n) each time.
+        hist.index_add_(0, lat * (HIST_EDGES.numel() - 1) + bins, torch.ones_like(lat, dtype=torch.int32))
         merge_top(best_v, [best_t], lat, val, [tok])
         merge_top(keys, [samp_v, samp_t], lat, torch.rand(lat.numel(), generator=gen), [val, tok])
         n_tokens += m
-    return FeatureStats(n_tokens, count, total, hist.view(n, -1).int(), best_v, best_t, samp_v, samp_t,
+    return FeatureStats(n_tokens, count, total, hist.view(n, -1), best_v, best_t, samp_v, samp_t,
                         torch.cat(ids), torch.cat(docs), torch.cat(pos), tokenizer,
                         torch.cat(code_v) if keep_codes else None, torch.cat(code_i) if keep_codes else None)
