@@ -37,7 +37,7 @@ def test_decoder_neighbours_are_the_closest_directions():
         features.decoder_neighbours(sae, 6)
 
 
-def test_top_examples_match_a_brute_force_scan(setup):
+def test_top_examples_match_a_brute_force_scan(setup, capsys):
     model, tok, sae = setup
     top = features.top_examples(model, tok, "h.1", sae, TEXTS, top=3, scale=1.7, batch_size=4, ctx_len=32,
                                 samples=5, progress=False)
@@ -81,7 +81,9 @@ def test_top_examples_match_a_brute_force_scan(setup):
     buckets = top.quantile_samples(latent, buckets=2, per=2)
     assert buckets and all(lo <= hi for lo, hi, _ in buckets) and buckets[0][1] <= buckets[-1][0]
     # The token budget stops the pass; a NaN in the SAE is an error, not "did not fire".
-    assert features.top_examples(model, tok, "h.1", sae, TEXTS, max_tokens=7, progress=False).n_tokens == 7
+    capsys.readouterr()
+    assert features.top_examples(model, tok, "h.1", sae, TEXTS, max_tokens=7).n_tokens == 7
+    assert "features:" in capsys.readouterr().err  # the progress bar, on by default
     bad = SparseAutoencoder(32, 48, "topk", k=4, seed=0)
     with torch.no_grad():
         bad.b_enc[3] = float("nan")
