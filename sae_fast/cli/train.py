@@ -19,7 +19,8 @@ def _train(args) -> int:
         print(f"sae-fast train: error: {e}", file=sys.stderr)
         return 2
     except (RunFolderBusy, TrainingDiverged, OSError) as e:  # the run could not go on (busy, diverged, disk full)
-        print(f"sae-fast train: error: {e}", file=sys.stderr)
+        text = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e  # no "[Errno 28]"
+        print(f"sae-fast train: error: {text}", file=sys.stderr)
         return 1
     out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
