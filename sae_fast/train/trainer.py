@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
-from ..activations.hooks import middle_layer, resolve_layers
+from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
 from ..activations.normalization import save_normalization
 from ..folders import disk_full_error, is_disk_full
@@ -98,6 +98,8 @@ class Trainer:
         else:
             layer = c.layer
         layers = resolve_layers(model, layer)
+        probe = capture(model, layers, **{k: v.to(self.device) for k, v in tokenizer("probe", return_tensors="pt").items()})
+        self.check_widths({n: t.shape[-1] for n, t in probe.items()})  # k vs n before collecting
         texts = default_corpus() if c.corpus is None else read_corpus(c.corpus)
         self.log(f"corpus: {'Python docs (pydoc_data.topics) + stdlib sources' if c.corpus is None else c.corpus}; "
                  f"layers: {', '.join(layers)}")
@@ -114,6 +116,15 @@ class Trainer:
         return train, evals
 
     # ------------------------------------------------------------------ model
+    def check_widths(self, widths: dict) -> None:
+        """What the layers' widths decide: k against each layer's number of latents."""
+        c = self.cfg
+        for n, d in widths.items():
+            n_latents = c.n_latents or c.expansion * d
+            if c.activation in ("topk", "batchtopk") and c.k > n_latents:
+                raise ValueError(f"--k {c.k} is more than the {n_latents} latents of layer {n!r} "
+                                 f"(--expansion {c.expansion} x width {d}); lower --k or raise --expansion/--n-latents")
+
     def _make_sae(self, d: int) -> SparseAutoencoder:
         c = self.cfg
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
@@ -177,6 +188,7 @@ class Trainer:
             return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
         train, evals = self.load_data()
         self._check_held_out(evals)
+        self.check_widths(train.widths)
         layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
