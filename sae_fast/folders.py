@@ -123,9 +123,11 @@ def folder_of(path) -> Path:
 
 def read_json(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(cfg).__name__}")
     return cfg
