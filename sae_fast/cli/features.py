@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from sae_fast.cli.common import load_sae_with_scale
+from sae_fast.cli.common import check_positive, check_writable_file, load_sae_with_scale
+
+
+def _parse_latents(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--latents must be comma-separated integers; got {text!r}") from None
 
 
 def _features(args) -> int:
@@ -14,14 +21,19 @@ def _features(args) -> int:
     from sae_fast.activations import default_corpus, load_model, read_corpus
 
     try:
+        check_positive(args, "tokens", "ctx_len", "top", "count")  # before anything is loaded
+        if args.html != "-":
+            check_writable_file("--html", args.html)
+        latents = _parse_latents(args.latents) if args.latents else None
         sae, scale, layer = load_sae_with_scale(args.sae, args.layer)
+        bad = [i for i in latents or () if not 0 <= i < sae.n_latents]
+        if bad:  # before the model and the corpus scan
+            raise ValueError(f"--latents {bad[0]} is out of range: the SAE has {sae.n_latents} latents")
         model, tok = load_model(args.model)
         texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
         top = features.top_examples(model, tok, layer, sae, texts, top=args.top, scale=scale, ctx_len=args.ctx_len,
                                     max_tokens=args.tokens)
-        if args.latents:
-            latents = [int(t) for t in args.latents.split(",")]
-        else:
+        if latents is None:
             latents = torch.topk(top.max_activation, min(args.count, sae.n_latents)).indices.tolist()
         for latent in latents:
             print(top.show(latent))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from sae_fast.cli.common import load_sae_with_scale
+from sae_fast.cli.common import check_causal_lm, check_finite, check_positive, load_sae_with_scale
 
 
 def _steer(args) -> int:
@@ -15,10 +15,13 @@ def _steer(args) -> int:
     from sae_fast.steer import steer
 
     try:
+        check_positive(args, "tokens", "max_new_tokens")  # before anything is loaded
+        check_finite(args, "factor", "value")
+        check_causal_lm(args.model)
         sae, scale, layer = load_sae_with_scale(args.sae, args.layer)
-        model, tok = load_model(args.model, auto_class="AutoModelForCausalLM")
         if not (0 <= args.latent < sae.n_latents):
             raise ValueError(f"--latent must be in [0, {sae.n_latents}); got {args.latent}")
+        model, tok = load_model(args.model, auto_class="AutoModelForCausalLM")
         if args.value is None:
             texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
             top = features.top_examples(model, tok, layer, sae, texts, top=1, scale=scale, max_tokens=args.tokens)
