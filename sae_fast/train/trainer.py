@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
 from ..activations.hooks import middle_layer, resolve_layers
-from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
+from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
@@ -61,7 +61,8 @@ class Trainer:
         model = str(default_model_path()) if c.model is None else c.model
         return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.max_tokens,
                 "eval_tokens": c.eval_tokens, "exclude_special_tokens": c.exclude_special_tokens,
-                "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch}
+                "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch,
+                "sink_factor": c.sink_factor}
 
     def load_data(self) -> tuple[ActivationStore, ActivationStore]:
         """Activations for this run: from ``cache_dir`` when it holds a matching store, else collected now
@@ -80,7 +81,7 @@ class Trainer:
         if tokenizer is None:
             raise ValueError(f"model {name!r} has no tokenizer; train on text needs one")
         if c.layer is None:
-            layer = DEFAULT_LAYER if c.model is None else middle_layer(model)
+            layer = default_layer(c.model) or middle_layer(model)
         else:
             layer = c.layer
         layers = resolve_layers(model, layer)
@@ -90,7 +91,11 @@ class Trainer:
         train, evals = collect_text(
             model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.max_tokens,
             eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
-            shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress)
+            shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
+            sink_factor=c.sink_factor)
+        st = train.stats
+        self.log(f"left out {st['special_excluded']:,} special/BOS tokens and {st['sinks_excluded']:,} attention-sink "
+                 f"tokens (norm > {c.sink_factor:g}x the median) of {st['windows_tokens']:,} read")
         del model
         return train, evals
 
@@ -242,7 +247,7 @@ class Trainer:
         c = self.cfg
         held_out = evals.all() if evals.n_rows else None
         summary = {"steps": step, "tokens": step * c.batch_tokens, "backend": ops.get_backend(self.device).name,
-                   "layers": {}}
+                   "model": model_id(c.model), "excluded": evals.stats, "layers": {}}
         for n, sae in saes.items():
             final = {"d_in": sae.d_in, "n_latents": sae.n_latents, "activation_scale": scales[n],
                      "dead_pct": 100.0 * float(sae.dead_mask.float().mean())}
@@ -250,7 +255,7 @@ class Trainer:
                 x = held_out[n].to(self.device, torch.float32) * scales[n]
                 final.update(self.evaluate(sae, x), eval_tokens=x.shape[0])
             folder = self.out / "sae" / n
-            save_sae(sae, folder)
+            save_sae(sae, folder, metadata={"model": model_id(c.model), "hook": n})
             save_normalization(folder, n, scales[n], sae.d_in)
             if c.export == "saelens":
                 save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
