@@ -25,8 +25,9 @@ class TrainConfig:
     """Text file, .jsonl file (a 'text' field per line) or folder of them; default: Python's docs and stdlib sources."""
     ctx_len: int = 128
     """Tokens per model input window."""
-    max_tokens: int = 300_000
-    """Training tokens of activations to collect (fewer if the corpus runs out)."""
+    max_tokens: Optional[int] = None
+    """Training tokens of activations to collect (fewer if the corpus runs out); default 300,000, and 100,000
+    for --model smollm2 (a few minutes on 2 cores)."""
     eval_tokens: int = 8192
     """Held-out tokens for the final FVU and L0 (collected before the training tokens)."""
     model_batch: int = 32
@@ -116,13 +117,13 @@ class TrainConfig:
     """Show progress bars."""
 
     def __post_init__(self):
-        positive = ("ctx_len", "max_tokens", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
+        positive = ("ctx_len", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
                     "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        for name in ("n_latents", "steps"):
+        for name in ("n_latents", "steps", "max_tokens"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
@@ -150,6 +151,11 @@ class TrainConfig:
             raise ValueError(f"dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"cache_dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
+
+    @property
+    def token_budget(self) -> int:
+        """max_tokens, or its default for the model (a 135M causal LM is ~10x slower per token than MiniLM)."""
+        return self.max_tokens or (100_000 if self.model == "smollm2" else 300_000)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

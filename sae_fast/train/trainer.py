@@ -28,6 +28,7 @@ from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .lm_eval import splice_eval
 from .metrics import MetricsLog, plot_curves
 from .schedule import lr_factor, sparsity_factor
 
@@ -59,7 +60,7 @@ class Trainer:
     def _fingerprint(self) -> dict:
         c = self.cfg
         model = str(default_model_path()) if c.model is None else c.model
-        return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.max_tokens,
+        return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.token_budget,
                 "eval_tokens": c.eval_tokens, "exclude_special_tokens": c.exclude_special_tokens,
                 "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch,
                 "sink_factor": c.sink_factor}
@@ -89,7 +90,7 @@ class Trainer:
         self.log(f"corpus: {'Python docs (pydoc_data.topics) + stdlib sources' if c.corpus is None else c.corpus}; "
                  f"layers: {', '.join(layers)}")
         train, evals = collect_text(
-            model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.max_tokens,
+            model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.token_budget,
             eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
             shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
             sink_factor=c.sink_factor)
@@ -263,6 +264,10 @@ class Trainer:
             summary["layers"][n] = final
         if c.export == "sparsify":
             save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+        spliced = splice_eval(c, saes, scales, self.device, self.log)  # causal LMs only
+        for n, m in (spliced or {}).items():
+            summary["layers"][n]["spliced"] = m
+            (self.out / "sae" / n / "eval.json").write_text(json.dumps(m, indent=2) + "\n")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if c.plot:
             try:
