@@ -332,10 +332,11 @@ class SparseAutoencoder(nn.Module):
 # ============================================================================ the sae-fast folder format
 # sae.safetensors: W_enc (n, d), b_enc (n), W_dec (n, d), b_dec (d), the activation's extra tensors and
 # the training buffers; cfg.json: SAEConfig plus "format": "sae-fast".
-def save_sae(sae: SparseAutoencoder, path) -> Path:
-    """Write ``sae.safetensors`` + ``cfg.json`` (sae-fast format) into the folder ``path``, atomically."""
+def save_sae(sae: SparseAutoencoder, path, metadata: dict | None = None) -> Path:
+    """Write ``sae.safetensors`` + ``cfg.json`` (sae-fast format) into the folder ``path``, atomically.
+    ``metadata`` (such as ``{"model": ..., "hook": ...}``, what ``sae-fast train`` records) goes into cfg.json."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    cfg = {"format": FORMAT, **sae.cfg.to_dict()}
+    cfg = {"format": FORMAT, **sae.cfg.to_dict(), **(metadata or {})}
 
     return atomic_dir_write(path, lambda tmp: write_weights_and_config(tmp, tensors, WEIGHTS_FILE, cfg))
 

@@ -8,9 +8,9 @@ import argparse
 import shlex
 import sys
 
-from sae_fast.cli import bench, demo, features, info, steer, train
+from sae_fast.cli import bench, demo, eval, features, info, steer, train
 
-COMMANDS = (info, demo, bench, train, features, steer)  # the order `sae-fast --help` lists them
+COMMANDS = (info, demo, bench, train, eval, features, steer)  # the order `sae-fast --help` lists them
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from sae_fast.cli.common import check_positive, check_writable_file, load_sae_with_scale
+from sae_fast.cli.common import check_positive, check_writable_file, load_sae_for_model
 
 
 def _parse_latents(text: str) -> list[int]:
@@ -25,11 +25,11 @@ def _features(args) -> int:
         if args.html != "-":
             check_writable_file("--html", args.html)
         latents = _parse_latents(args.latents) if args.latents else None
-        sae, scale, layer = load_sae_with_scale(args.sae, args.layer)
+        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
         bad = [i for i in latents or () if not 0 <= i < sae.n_latents]
         if bad:  # before the model and the corpus scan
             raise ValueError(f"--latents {bad[0]} is out of range: the SAE has {sae.n_latents} latents")
-        model, tok = load_model(args.model)
+        model, tok = load_model(model_name)
         texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
         top = features.top_examples(model, tok, layer, sae, texts, top=args.top, scale=scale, ctx_len=args.ctx_len,
                                     max_tokens=args.tokens)
@@ -59,8 +59,9 @@ def add_parser(sub) -> None:
                                    "wrote, the embedded model and corpus.")
     p.add_argument("--sae", default="sae-fast-out/sae/encoder.layer.3", help="SAE folder (any format load_sae reads; "
                    "default: %(default)s)")
-    p.add_argument("--model", default=None, help="model folder or cached id (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--layer", default=None, help="hooked module (default: from normalization.json beside the SAE, "
+    p.add_argument("--model", default=None, help="model folder, cached id or smollm2 (default: the one in the SAE's cfg.json, "
+                   "else the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--layer", default=None, help="hooked module (default: from the SAE's cfg.json / normalization.json, "
                    "else encoder.layer.3)")
     p.add_argument("--corpus", default=None, help="text file, .jsonl or folder (default: the embedded corpus)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to scan (default: %(default)s)")

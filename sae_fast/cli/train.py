@@ -28,6 +28,9 @@ def _train(args) -> int:
         held = f"on {m['eval_tokens']:,} held-out tokens: " if "fvu" in m else ""
         fvu = f"FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, " if "fvu" in m else ""
         print(f"{layer} ({m['n_latents']} latents, d={m['d_in']}): final {held}{fvu}dead {m['dead_pct']:.1f}%")
+        if "spliced" in m:  # a causal LM: the SAE spliced into it (sae_fast.evaluate)
+            from sae_fast.evaluate import describe
+            print(describe(m["spliced"]) + f"\n(numbers: {out}/sae/{layer}/eval.json)")
     for layer in summary["layers"]:
         print(f"SAE: {out / 'sae' / layer} (SparseAutoencoder.load)")
     if cfg.export != "none":

@@ -18,21 +18,26 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 class TrainConfig:
     # ---------------------------------------------------------------- model and data
     model: Optional[str] = None
-    """Local folder (save_pretrained layout) or cached Hugging Face id; default: the embedded all-MiniLM-L6-v2."""
+    """Local folder (save_pretrained layout), cached Hugging Face id, or smollm2 (the embedded SmolLM2-135M-Instruct
+    causal LM); default: the embedded all-MiniLM-L6-v2."""
     layer: Optional[str] = None
     """Module(s) to hook, comma-separated, glob patterns allowed (e.g. 'h.*'); one SAE per module. Default: the middle block."""
     corpus: Optional[str] = None
     """Text file, .jsonl file (a 'text' field per line) or folder of them; default: Python's docs and stdlib sources."""
     ctx_len: int = 128
     """Tokens per model input window."""
-    max_tokens: int = 300_000
-    """Training tokens of activations to collect (fewer if the corpus runs out)."""
+    max_tokens: Optional[int] = None
+    """Training tokens of activations to collect (fewer if the corpus runs out); default 300,000, and 100,000
+    for --model smollm2 (a few minutes on 2 cores)."""
     eval_tokens: int = 8192
     """Held-out tokens for the final FVU and L0 (collected before the training tokens)."""
     model_batch: int = 32
     """Windows per model forward pass while collecting activations."""
     exclude_special_tokens: bool = True
-    """Leave out the activations at special tokens ([CLS], [SEP], <s>); padding is always left out."""
+    """Leave out the activations at special tokens ([CLS], [SEP], <s>, a prepended BOS); padding is always left out."""
+    sink_factor: float = 4.0
+    """Leave out attention sinks: tokens whose activation norm exceeds this multiple of the batch's median
+    norm (training, the scale and the metrics); 0 keeps them. The run reports how many were left out."""
     normalize: bool = True
     """Scale activations so their mean squared norm is d; the scale is saved with the SAE."""
     cache_dir: Optional[str] = None
@@ -114,9 +119,9 @@ class TrainConfig:
 
     def __post_init__(self):
         """Each value on its own (an error names the --option); the machine's side is train/preflight.py."""
-        positive = ("ctx_len", "max_tokens", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
+        positive = ("ctx_len", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
                     "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
-        for name in positive + ("n_latents", "steps"):
+        for name in positive + ("n_latents", "steps", "max_tokens"):
             v = getattr(self, name)
             if name in positive or v is not None:
                 _check_int(name, v, 1)
@@ -124,6 +129,7 @@ class TrainConfig:
         _check_int("warmup_steps", self.warmup_steps, 0)
         if self.k_aux is not None:
             _check_int("k_aux", self.k_aux, 0, " (0 turns AuxK off)")
+        _check_number("sink_factor", self.sink_factor)  # 0 keeps attention sinks
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"--activation must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.batch_tokens % self.grad_accum:
@@ -153,6 +159,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise ValueError(f"{_flag(name)} must be a non-empty string; got {v!r}")
+
+    @property
+    def token_budget(self) -> int:
+        """max_tokens, or its default for the model (a 135M causal LM is ~10x slower per token than MiniLM)."""
+        return self.max_tokens or (100_000 if self.model == "smollm2" else 300_000)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,13 +23,14 @@ from tqdm import tqdm
 from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
 from ..activations.hooks import capture, middle_layer, resolve_layers
-from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
+from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
 from ..folders import disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, newest_intact, read_manifest, restore, save_checkpoint
 from .config import TrainConfig
+from .lm_eval import splice_eval
 from .metrics import MetricsLog, plot_curves
 from .preflight import check_backend, check_folder, fingerprint_changes, resolve_device
 from .runfolder import RunLock, trajectory_changes
@@ -68,9 +69,10 @@ class Trainer:
     def _fingerprint(self) -> dict:
         c = self.cfg
         model = str(default_model_path()) if c.model is None else c.model
-        return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.max_tokens,
+        return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.token_budget,
                 "eval_tokens": c.eval_tokens, "exclude_special_tokens": c.exclude_special_tokens,
-                "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch}
+                "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch,
+                "sink_factor": c.sink_factor}
 
     def load_data(self) -> tuple[ActivationStore, ActivationStore]:
         """Activations for this run: from ``cache_dir`` when it holds a matching store, else collected now
@@ -94,7 +96,7 @@ class Trainer:
         if tokenizer is None:
             raise ValueError(f"model {name!r} has no tokenizer; train on text needs one")
         if c.layer is None:
-            layer = DEFAULT_LAYER if c.model is None else middle_layer(model)
+            layer = default_layer(c.model) or middle_layer(model)
         else:
             layer = c.layer
         layers = resolve_layers(model, layer)
@@ -105,13 +107,17 @@ class Trainer:
                  f"layers: {', '.join(layers)}")
         try:
             train, evals = collect_text(
-                model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.max_tokens,
+                model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.token_budget,
                 eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
-                shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress)
+                shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
+                sink_factor=c.sink_factor)
         except (OSError, SafetensorError) as e:
             if c.cache_dir and is_disk_full(e):
                 raise disk_full_error(c.cache_dir) from e
             raise
+        st = train.stats
+        self.log(f"left out {st['special_excluded']:,} special/BOS tokens and {st['sinks_excluded']:,} attention-sink "
+                 f"tokens (norm > {c.sink_factor:g}x the median) of {st['windows_tokens']:,} read")
         del model
         return train, evals
 
@@ -326,7 +332,7 @@ class Trainer:
         c = self.cfg
         held_out = evals.all() if evals.n_rows else None
         summary = {"steps": step, "tokens": step * c.batch_tokens, "backend": ops.get_backend(self.device).name,
-                   "layers": {}}
+                   "model": model_id(c.model), "excluded": evals.stats, "layers": {}}
         for n, sae in saes.items():
             final = {"d_in": sae.d_in, "n_latents": sae.n_latents, "activation_scale": scales[n],
                      "dead_pct": 100.0 * float(sae.dead_mask.float().mean())}
@@ -334,7 +340,7 @@ class Trainer:
                 x = held_out[n].to(self.device, torch.float32) * scales[n]
                 final.update(self.evaluate(sae, x), eval_tokens=x.shape[0])
             folder = self.out / "sae" / n
-            save_sae(sae, folder)
+            save_sae(sae, folder, metadata={"model": model_id(c.model), "hook": n})
             save_normalization(folder, n, scales[n], sae.d_in)
             if c.export == "saelens":
                 save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
@@ -342,6 +348,10 @@ class Trainer:
             summary["layers"][n] = final
         if c.export == "sparsify":
             save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+        spliced = splice_eval(c, saes, scales, self.device, self.log)  # causal LMs only
+        for n, m in (spliced or {}).items():
+            summary["layers"][n]["spliced"] = m
+            (self.out / "sae" / n / "eval.json").write_text(json.dumps(m, indent=2) + "\n")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if c.plot:
             try:
