@@ -1,6 +1,7 @@
 """Every bad CLI argument: exit code 2, one line naming the option, and (where the argument allows) before the
 model is loaded, so it takes well under a second."""
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,8 +62,8 @@ def _cases(root):
         (["--top", "0", "--sae", sae], "--top must be >= 1; got 0"),
         (["--tokens", "0", "--sae", sae], "--tokens must be >= 1; got 0"),
         (["--count", "0", "--sae", sae], "--count must be >= 1"),
-        (["--html", "/dev/null/f.html", "--sae", sae], "--html '/dev/null/f.html': /dev/null is not a folder"),
-        (["--html", str(root), "--sae", sae], "is a folder; pass a file name"),
+        (["--out", "/dev/null/site", "--sae", sae], "--out '/dev/null/site/index.html': /dev/null is not a folder"),
+        (["--out", str(Path(sae) / "cfg.json"), "--sae", sae], "is a file; pass a folder for the site"),
     ]
     steer = [
         (["--model", str(default_model_path()), "--sae", sae, "--latent", "1"],
