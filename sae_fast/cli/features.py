@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
-from sae_fast.cli.common import load_sae_with_scale
+from sae_fast.cli.common import check_positive, check_writable_file, load_sae_for_model
+
+
+def _parse_latents(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--latents must be comma-separated integers; got {text!r}") from None
 
 
 def _texts(spec):
@@ -37,18 +45,17 @@ def _features(args) -> int:
     from sae_fast.activations import default_corpus, load_model, read_corpus
 
     try:
-        if args.tokens is not None and args.tokens < 1:
-            raise ValueError(f"--tokens must be positive; got {args.tokens}")
-        latents = None
-        if args.latents:
-            try:
-                latents = [int(t) for t in args.latents.split(",")]
-            except ValueError:
-                raise ValueError(f"--latents must be comma-separated integers; got {args.latents!r}") from None
-        sae, scale, layer = load_sae_with_scale(args.sae, args.layer)
-        if latents is not None and not all(0 <= i < sae.n_latents for i in latents):
-            raise ValueError(f"--latents must be in [0, {sae.n_latents}); got {args.latents}")
-        model, tok = load_model(args.model, auto_class="AutoModelForCausalLM" if args.logits else "AutoModel")
+        check_positive(args, "tokens", "ctx_len", "top", "count", "pages", "neighbours")  # before anything loads
+        if args.out != "-":
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out!r} is a file; pass a folder for the site")
+            check_writable_file("--out", Path(args.out) / "index.html")
+        latents = _parse_latents(args.latents) if args.latents else None
+        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
+        bad = [i for i in latents or () if not 0 <= i < sae.n_latents]
+        if bad:  # before the model and the corpus scan
+            raise ValueError(f"--latents {bad[0]} is out of range: the SAE has {sae.n_latents} latents")
+        model, tok = load_model(model_name, auto_class="AutoModelForCausalLM" if args.logits else "AutoModel")
         if args.logits:
             features.unembedding(model)  # not a causal LM: say so before scanning
         if args.languages:
@@ -104,8 +111,9 @@ def add_parser(sub) -> None:
                                    "train` wrote, the embedded model and corpus, 100k tokens.")
     p.add_argument("--sae", default="sae-fast-out/sae/encoder.layer.3", help="SAE folder (any format load_sae reads; "
                    "default: %(default)s)")
-    p.add_argument("--model", default=None, help="model folder or cached id (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--layer", default=None, help="hooked module (default: from normalization.json beside the SAE, "
+    p.add_argument("--model", default=None, help="model folder, cached id or smollm2 (default: the one in the SAE's cfg.json, "
+                   "else the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--layer", default=None, help="hooked module (default: from the SAE's cfg.json / normalization.json, "
                    "else encoder.layer.3)")
     p.add_argument("--corpus", default=None, help="text file, .jsonl or folder (default: the embedded corpus)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to scan, per set with --contrast "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..activations.corpus import encode_prompt
 from .scan import encode_inputs
 from .text import token_pieces
 
@@ -15,9 +16,9 @@ def on_prompt(model, tokenizer, layer: str, sae, prompt: str, scale: float = 1.0
         raise ValueError(f"prompt must be a non-empty string; got {prompt!r}")
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; one prompt needs no padding anyway
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer([prompt], truncation=True, max_length=ctx_len, return_tensors="pt")
-    # Only ids and mask, as in training (collect_text): GPT-2 would add token_type_ids through its embedding.
-    enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    # Wrapped as in training (a BOS where the tokenizer adds none: a causal LM's first token is otherwise its
+    # attention sink); only ids and mask, as GPT-2 would add token_type_ids through its embedding.
+    enc = {k: v[:, :ctx_len] for k, v in encode_prompt(tokenizer, prompt).items()}
     input_ids, keep = enc["input_ids"], enc["attention_mask"].bool()
     values, indices = encode_inputs(model, layer, sae, enc, scale)
     if torch.isnan(values).any():
