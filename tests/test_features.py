@@ -163,7 +163,7 @@ def test_features_cli_prints_contexts_and_writes_a_dashboard(setup, tmp_path, ca
     assert "import" in (tmp_path / "site" / "prompt.html").read_text()
     base = args[:7] + ["--tokens", "200", "--out", "-"]
     for bad, message in ((["--sae", str(tmp_path / "missing")], "sae-fast features: error"),
-                         (["--latents", "48"], "--latents must be in [0, 48)"),
+                         (["--latents", "48"], "--latents 48 is out of range: the SAE has 48 latents"),
                          (["--latents", "x"], "--latents must be comma-separated integers"),
                          (["--contrast", "a", "b", "c"], "--contrast takes POS NEG"),
                          (["--contrast", str(tmp_path / "corpus"), str(tmp_path / "nowhere")], "does not exist")):

@@ -1,5 +1,5 @@
 """Every bad CLI argument: exit code 2, one line naming the option, and (where the argument allows) before the
-model is loaded, so it takes well under a second."""
+model is loaded (the model loader is replaced by one that fails the test)."""
 import time
 from pathlib import Path
 
@@ -106,7 +106,9 @@ def test_bad_argument_is_one_line_before_the_model_loads(files, i, monkeypatch, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"sae-fast {command}: error: ") and message in err[0], err[0]
-    assert took < 2.0, took
+    # The real proof of 'early' is no_model above; this only guards against a scan or a collection (tens of
+    # seconds) sneaking in, with room for a loaded CI machine's first imports.
+    assert took < 30.0, took
 
 
 def test_k_larger_than_the_layer_allows_is_refused_before_collecting(tmp_path, monkeypatch, capsys):
