@@ -169,3 +169,19 @@ def test_features_cli_prints_contexts_and_writes_a_dashboard(setup, tmp_path, ca
                          (["--contrast", str(tmp_path / "corpus"), str(tmp_path / "nowhere")], "does not exist")):
         assert main(base + bad) == 2
         assert message in capsys.readouterr().err
+
+
+def test_byte_level_bpe_pieces_never_show_half_characters():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["the baker sells bread"] * 20 + ["面包师卖面包"] * 3, trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tok("面包师 bread 卖")["input_ids"]
+    assert "\ufffd" in tok.decode(ids[-1:])  # 卖 is two byte tokens here
+    pieces = features.token_pieces(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) and "\ufffd" not in "".join(pieces)
+    assert pieces[1:] == [" bread", " ", "", "卖"]
