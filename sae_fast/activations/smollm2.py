@@ -52,11 +52,11 @@ def convert(gguf: Path, dest: Path) -> Path:
     try:
         import accelerate  # noqa: F401  transformers' GGUF loading needs both
         import gguf as _gguf  # noqa: F401
+        import transformers as tf
     except ImportError:
-        raise ValueError(f"loading the GGUF file of --model smollm2 needs gguf and accelerate: {INSTALL}") from None
-    from .model import _transformers
-
-    tf = _transformers()
+        raise ValueError(f"loading the GGUF file of --model smollm2 needs transformers, gguf and accelerate: "
+                         f"{INSTALL}") from None
+    tf.logging.set_verbosity_error()
     folder, name = str(gguf.parent), gguf.name
     tok = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
