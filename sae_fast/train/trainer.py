@@ -368,7 +368,9 @@ class Trainer:
         if c.plot:
             try:
                 summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
-                                                  title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}"))
+                                                  title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}",
+                                                  held_out={n: m.get("fvu") for n, m in summary["layers"].items()},
+                                                  show_loss=c.activation not in _DECODER_UNIT_NORM))
             except ImportError:
                 self.log("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return summary
