@@ -260,3 +260,29 @@ class CpuBackend(SparseBackend):
         _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
                            _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16, _threads(n * d + B * K * d))
         return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))
+
+    # ------------------------------------------------------------------ fused training step
+    def fused_step_supported(self, x: Tensor) -> bool:
+        return x.dtype == torch.float32
+
+    def fused_adam_step(self, idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm):
+        W_enc, b_enc, W_dec = params
+        B, K = idx.shape
+        n, d = W_enc.shape
+        for name, t in zip(("W_enc", "b_enc", "W_dec"), params):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError(f"{name} must be a contiguous float32 tensor for the fused step; got {t.dtype}")
+        for t in moments:
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError("Adam moments must be contiguous float32 tensors for the fused step")
+        idx, pre, dp, v, xc, g = _i32(idx), _f32(pre), _f32(dp), _f32(v), _f32(xc), _f32(g)
+        d_norm = None if d_norm is None else _f32(d_norm)
+        step_size, bc2_sqrt, beta1, beta2, eps = adam
+        # Bounds are checked inside the kernel's sort (no host read of a tensor); nothing is updated if bad.
+        bad = _C.fused_adam_step(idx.data_ptr(), pre.data_ptr(), B, K, k_main, n, d, dp.data_ptr(), xc.data_ptr(),
+                                 v.data_ptr(), g.data_ptr(), _ptr(d_norm), *(t.data_ptr() for t in params),
+                                 *(t.data_ptr() for t in moments), step_size, bc2_sqrt, beta1, beta2, eps,
+                                 bool(project), bool(renorm), _threads(n * d + B * K * d))
+        if bad:
+            raise ValueError(f"indices must lie in [0, n_latents={n}); {bad} entries do not")
+
