@@ -92,7 +92,8 @@ class FusedAdam(torch.optim.Adam):
         """Why ``step_fused(x)`` would run the unfused step, or None when it runs fused."""
         sae = self.sae
         backend = get_backend(x.device)
-        if not backend.fused_step_supported(x):
+        supported = getattr(backend, "fused_step_supported", None)  # the reference backend has no primitives
+        if supported is None or not supported(x):
             return f"the {backend.name} backend has no fused step for {x.dtype} activations on {x.device.type}"
         if torch.is_autocast_enabled(x.device.type):
             return "autocast is on"

@@ -3,7 +3,9 @@
 Per step: ``grad_accum`` micro-batches, each layer's SAE forward/backward (losses from the module:
 TopK/BatchTopK = FVU + AuxK on dead latents; ReLU = MSE + warmed-up L1; JumpReLU = MSE + warmed-up L0),
 then for TopK/BatchTopK the decoder gradient's component parallel to each row is removed, Adam steps,
-and decoder rows are renormalised to unit norm. Everything a step depends on (weights, Adam moments,
+and decoder rows are renormalised to unit norm. With ``fused_step`` (the default) and one micro-batch,
+where a fused kernel applies, all of that is one ``FusedAdam.step_fused`` per layer (same math, same Adam
+state). Losses are summed on the device and read only at logging steps. Everything a step depends on (weights, Adam moments,
 the dead-latent counters, the data position, the RNG) is in the checkpoint, so a resumed run takes the
 same steps as one that never stopped.
 """
@@ -25,6 +27,7 @@ from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
 from ..activations.normalization import save_normalization
 from ..io import save_sae, save_saelens, save_sparsify
+from ..optim import FusedAdam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -33,7 +36,7 @@ from .schedule import lr_factor, sparsity_factor
 
 # Config fields that do not change the trajectory: a run may resume with different values for these.
 _FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
-                   "device"}
+                   "device", "fused_step"}
 _DECODER_UNIT_NORM = ("topk", "batchtopk")
 
 
@@ -106,10 +109,22 @@ class Trainer:
         c = self.cfg
         return c.steps or max(1, math.ceil(c.epochs * n_rows / c.batch_tokens))
 
-    def _loss(self, sae: SparseAutoencoder, out, weight: float) -> torch.Tensor:
-        if sae.cfg.activation in ("relu", "jumprelu"):  # mse + warmed-up sparsity term
-            return out.mse + weight * (out.loss - out.mse)
-        return out.loss
+    def _optimizers(self, saes: dict, autocast) -> tuple[dict, bool]:
+        """One Adam per layer: FusedAdam where its fused step applies (said in the log), else make_adam's."""
+        c = self.cfg
+        reason = "--no-fused-step" if not c.fused_step else (
+            f"grad_accum={c.grad_accum}" if c.grad_accum > 1 else None)
+        if reason is None:
+            fused = {n: FusedAdam(sae, lr=c.lr) for n, sae in saes.items()}
+            with autocast:
+                probe = {n: fused[n].fused_reason(torch.zeros(1, sae.d_in, device=self.device))
+                         for n, sae in saes.items()}
+            reason = next((r for r in probe.values() if r), None)
+            if reason is None:
+                self.log("step: fused (sae_fast.optim.FusedAdam)")
+                return fused, True
+        self.log(f"step: unfused ({reason})")
+        return {n: make_adam(sae.parameters(), c.lr) for n, sae in saes.items()}, False
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -126,7 +141,9 @@ class Trainer:
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
         saes = {n: self._make_sae(train.widths[n]) for n in layers}
-        opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
+        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        opts, fused = self._optimizers(saes, autocast)
 
         ckpt_root = self.out / "checkpoints"
         step, pos = 0, 0
@@ -161,8 +178,6 @@ class Trainer:
                                device=self.device)
         for sae in saes.values():
             sae.train()
-        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not c.progress, dynamic_ncols=True)
         t_log, timed = time.perf_counter(), 0  # for tokens/s: steps done in this process since the last log row
         while step < total:
@@ -172,18 +187,21 @@ class Trainer:
                 batch = next(stream)
                 pos += micro
                 for n in layers:
-                    with autocast:
-                        out = saes[n](batch[n])
-                    (self._loss(saes[n], out, weight) / c.grad_accum).backward()
+                    for group in opts[n].param_groups:
+                        group["lr"] = lr
+                    if fused:
+                        out = opts[n].step_fused(batch[n], weight)
+                    else:
+                        with autocast:
+                            out = saes[n](batch[n])
+                        (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
-                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):
-                        acc[key] = acc.get(key, 0.0) + getattr(out, key).item() / c.grad_accum
-            for n in layers:
+                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
+                        acc[key] = acc.get(key, 0.0) + getattr(out, key).detach().float() / c.grad_accum
+            for n in layers if not fused else ():
                 sae, opt = saes[n], opts[n]
                 if c.activation in _DECODER_UNIT_NORM:
                     sae.remove_parallel_grad_()
-                for group in opt.param_groups:
-                    group["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if c.activation in _DECODER_UNIT_NORM:
@@ -198,7 +216,7 @@ class Trainer:
                 rows = []
                 for n in layers:
                     row = {"step": step, "tokens": step * c.batch_tokens, "layer": n, "lr": lr,
-                           **{k: v / since for k, v in sums[n].items()},
+                           **{k: float(v) / since for k, v in sums[n].items()},
                            "dead_pct": 100.0 * float(saes[n].dead_mask.float().mean()), "tok_per_s": round(tok_s)}
                     metrics.write(row)
                     rows.append(row)
@@ -208,7 +226,8 @@ class Trainer:
                 sums = {n: {} for n in layers}
                 since, timed, t_log = 0, 0, time.perf_counter()
             if step % c.checkpoint_every == 0 or step == total:
-                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
+                log_sums = {n: {k: float(v) for k, v in row.items()} for n, row in sums.items()}
+                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": log_sums,
                          "log_since": since, "config": c.to_dict()}
                 save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
