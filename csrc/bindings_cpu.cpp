@@ -18,21 +18,22 @@ PYBIND11_MODULE(_C, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
 
   m.def("sparse_decode", [](ptr values, ptr idx, ptr W, bool bf16, ptr bias, ptr out, int64_t B, int64_t K,
-                            int64_t d, int threads) {
-    sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
-                            P<const float>(bias), P<float>(out), B, K, d, threads);
+                            int64_t n, int64_t d, int threads) {
+    return sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
+                                   P<const float>(bias), P<float>(out), B, K, n, d, threads);
   }, nogil);
 
-  m.def("gather_dot", [](ptr g, ptr idx, ptr W, bool bf16, ptr out, int64_t B, int64_t K, int64_t d, int threads) {
-    sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const void>(W), bf16, P<float>(out),
-                         B, K, d, threads);
+  m.def("gather_dot", [](ptr g, ptr idx, ptr W, bool bf16, ptr out, int64_t B, int64_t K, int64_t n, int64_t d,
+                         int threads) {
+    return sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const void>(W), bf16, P<float>(out),
+                                B, K, n, d, threads);
   }, nogil);
 
   m.def("latent_backward", [](ptr idx, int64_t B, int64_t K, int64_t n, int64_t d, ptr dp, ptr xc,
                               ptr v, ptr g, ptr dW_enc, ptr db_enc, ptr dW_dec, bool bf16, int threads) {
-    sae_fast::latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp), P<const float>(xc),
-                              P<const float>(v), P<const float>(g), P<void>(dW_enc), P<void>(db_enc),
-                              P<void>(dW_dec), bf16, threads);
+    return sae_fast::latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp), P<const float>(xc),
+                                     P<const float>(v), P<const float>(g), P<void>(dW_enc), P<void>(db_enc),
+                                     P<void>(dW_dec), bf16, threads);
   }, nogil);
 
   m.def("fused_adam_step", [](ptr idx, ptr pre, int64_t B, int64_t K, int64_t K_main, int64_t n, int64_t d, ptr dp,

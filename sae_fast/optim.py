@@ -14,7 +14,7 @@ JumpReLU's log-thresholds (vectors) get the same Adam update in torch.
 The state is ``torch.optim.Adam``'s (this class is one: ``exp_avg``, ``exp_avg_sq``, ``step`` per
 parameter, in ``sae.parameters()`` order), so checkpoints resume across fused and unfused steps, and
 ``step()`` is plain Adam on ``.grad``. Where no fused kernel applies (the torch and reference backends,
-16-bit activations on CPU, autocast, eval mode, a param group changed to weight decay, amsgrad or
+16-bit activations or autocast on CPU, eval mode, a param group changed to weight decay, amsgrad or
 maximize) ``step_fused`` runs the unfused step instead, with the same result up to float rounding.
 """
 from __future__ import annotations
@@ -31,6 +31,13 @@ from .ops import _SparseDecode, gather_latents
 from .sae import SAEOutput, SparseAutoencoder
 
 UNIT_NORM_ACTIVATIONS = ("topk", "batchtopk")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The activations' dtype in the step: autocast's when it is on (over fp32 master weights)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def training_loss(sae: SparseAutoencoder, out: SAEOutput, sparsity_weight: float = 1.0) -> Tensor:
@@ -92,11 +99,10 @@ class FusedAdam(torch.optim.Adam):
         """Why ``step_fused(x)`` would run the unfused step, or None when it runs fused."""
         sae = self.sae
         backend = get_backend(x.device)
+        dtype = _compute_dtype(x)
         supported = getattr(backend, "fused_step_supported", None)  # the reference backend has no primitives
-        if supported is None or not supported(x):
-            return f"the {backend.name} backend has no fused step for {x.dtype} activations on {x.device.type}"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is on"
+        if supported is None or not supported(dtype):
+            return f"the {backend.name} backend has no fused step for {dtype} activations on {x.device.type}"
         if not sae.training:
             return "the SAE is in eval mode"
         params = list(sae.parameters())
@@ -119,7 +125,9 @@ class FusedAdam(torch.optim.Adam):
         x2 = self.sae._flatten(x)
         if self.fused_reason(x2) is not None:
             return self._unfused(x, sparsity_weight)
-        return self._fused(x2, float(sparsity_weight), x.shape[:-1])
+        dtype = _compute_dtype(x2)
+        with torch.autocast(x2.device.type, enabled=False):  # 16-bit activations beside fp32 weights, explicitly
+            return self._fused(x2.to(dtype), float(sparsity_weight), x.shape[:-1])
 
     def _unfused(self, x: Tensor, sparsity_weight: float) -> SAEOutput:
         sae = self.sae

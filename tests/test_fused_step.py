@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import INTERPRETED_TRITON
 
 import sae_fast
 from sae_fast import SparseAutoencoder, ops
@@ -83,6 +84,27 @@ def test_fused_step_matches_unfused_reference_path(case, shape):
         assert float(a["step"]) == float(b["step"]) == 4.0
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", INTERPRETED_TRITON)
+@pytest.mark.parametrize("case", ["topk+auxk", "batchtopk", "relu", "jumprelu"])
+def test_triton_fused_step_matches_unfused(backend, case):
+    """kernels/fused_step.py under Triton's interpreter, small sizes (d = 20: a partial column block)."""
+    act, opts = CASES[case]
+    B, d, n = 9, 20, 40
+    sae = _sae(act, d, n, opts)
+    ref = copy.deepcopy(sae)
+    fused = FusedAdam(sae, lr=3e-3)
+    plain = torch.optim.Adam(ref.parameters(), lr=3e-3)
+    for step, x in enumerate(_batches(B, d, 2)):
+        with sae_fast.use_backend(backend):
+            assert fused.fused_reason(x) is None
+            out = fused.step_fused(x, sparsity_weight=0.5)
+        with sae_fast.use_backend("cpu"):
+            want = _unfused_step(ref, plain, x, 0.5)
+        torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=2e-6, msg=f"{name} at step {step}")
 
 
 def test_auxk_is_exercised():

@@ -27,19 +27,33 @@ inline void narrow(float v, uint16_t& out) {
   out = (v != v) ? static_cast<uint16_t>((u >> 16) | 0x40) : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+// Number of indices outside [0, n): kernels check before they read a row, with no host read of a tensor.
+inline int64_t count_out_of_range(const int32_t* idx, int64_t E, int64_t n) {
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t e = 0; e < E; ++e) bad += (idx[e] < 0) | (idx[e] >= n);
+  return bad;
+}
+
 // Stable counting sort of the E entries by latent: start (n+1) and entry ids in (latent, entry) order.
 // A stable sort has one answer, so splitting the histogram over threads changes nothing. With `pre`,
 // padding entries (pre == -inf: no gradient by definition) are left out, so list padding (index 0)
-// does not pile onto one latent. Returns the number of entries whose index is outside [0, n); those
+// does not pile onto one latent; with `dp` and/or `v`, so are entries whose given coefficients are all
+// exactly zero (they add exactly nothing to finite rows). Returns the number of entries whose index is outside [0, n); those
 // are left out too (the caller raises), so no kernel reads out of bounds.
 inline int64_t sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int threads, std::vector<int64_t>& start,
-                              std::vector<int64_t>& entry, const float* pre = nullptr) {
+                              std::vector<int64_t>& entry, const float* pre = nullptr,
+                              const float* dp = nullptr, const float* v = nullptr) {
   const int T = std::max<int64_t>(1, std::min<int64_t>(threads, E / 4096 + 1));
   std::vector<int64_t> hist(static_cast<size_t>(T) * (n + 1), 0);
   std::vector<int64_t> bad(T, 0);
   start.assign(n + 1, 0);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  auto keep = [&](int64_t e) { return !(pre && pre[e] == neg_inf); };
+  const bool coefs = dp || v;
+  auto keep = [&](int64_t e) {
+    if (pre && pre[e] == neg_inf) return false;
+    return !coefs || (dp && dp[e] != 0.f) || (v && v[e] != 0.f);
+  };
   auto in_range = [&](int64_t e) { return idx[e] >= 0 && idx[e] < n; };
 #pragma omp parallel num_threads(T)
   {

@@ -76,16 +76,20 @@ void gather_dot_t(const float* g, const int32_t* idx, const W* Wm, float* out, i
 
 }  // namespace
 
-void sparse_decode(const float* values, const int32_t* idx, const void* W, bool bf16, const float* bias,
-                   float* out, int64_t B, int64_t K, int64_t d, int threads) {
+int64_t sparse_decode(const float* values, const int32_t* idx, const void* W, bool bf16, const float* bias,
+                      float* out, int64_t B, int64_t K, int64_t n, int64_t d, int threads) {
+  if (const int64_t bad = detail::count_out_of_range(idx, B * K, n)) return bad;
   if (bf16) sparse_decode_t(values, idx, static_cast<const uint16_t*>(W), bias, out, B, K, d, threads);
   else sparse_decode_t(values, idx, static_cast<const float*>(W), bias, out, B, K, d, threads);
+  return 0;
 }
 
-void gather_dot(const float* g, const int32_t* idx, const void* W, bool bf16, float* out, int64_t B, int64_t K,
-                int64_t d, int threads) {
+int64_t gather_dot(const float* g, const int32_t* idx, const void* W, bool bf16, float* out, int64_t B, int64_t K,
+                   int64_t n, int64_t d, int threads) {
+  if (const int64_t bad = detail::count_out_of_range(idx, B * K, n)) return bad;
   if (bf16) gather_dot_t(g, idx, static_cast<const uint16_t*>(W), out, B, K, d, threads);
   else gather_dot_t(g, idx, static_cast<const float*>(W), out, B, K, d, threads);
+  return 0;
 }
 
 namespace {
@@ -94,11 +98,12 @@ using detail::reduce_row;
 using detail::sort_by_latent;
 
 template <typename O>
-void latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
+int64_t latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
                        const float* xc, const float* v, const float* g, O* dW_enc, O* db_enc, O* dW_dec,
                        int threads) {
   std::vector<int64_t> start, entry;
-  sort_by_latent(idx, B * K, n, threads, start, entry);
+  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, nullptr, dp, v);
+  if (bad) return bad;
   // One thread owns a latent: its dW_enc, db_enc and dW_dec rows are summed in entry (= row) order and
   // written once, zeros included, so the result is bitwise the same for any thread count. A latent's row
   // offsets and coefficients are gathered once (an entry's row is entry / K: one division per entry,
@@ -127,18 +132,18 @@ void latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int6
       }
     }
   }
+  return 0;
 }
 
 }  // namespace
 
-void latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
-                     const float* dp, const float* xc, const float* v, const float* g,
-                     void* dW_enc, void* db_enc, void* dW_dec, bool bf16, int threads) {
+int64_t latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
+                        const float* dp, const float* xc, const float* v, const float* g,
+                        void* dW_enc, void* db_enc, void* dW_dec, bool bf16, int threads) {
   if (bf16)
-    latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<uint16_t*>(dW_enc), static_cast<uint16_t*>(db_enc),
+    return latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<uint16_t*>(dW_enc), static_cast<uint16_t*>(db_enc),
                       static_cast<uint16_t*>(dW_dec), threads);
-  else
-    latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<float*>(dW_enc), static_cast<float*>(db_enc),
+  return latent_backward_t(idx, B, K, n, d, dp, xc, v, g, static_cast<float*>(dW_enc), static_cast<float*>(db_enc),
                       static_cast<float*>(dW_dec), threads);
 }
 

@@ -177,8 +177,8 @@ class SparseBackend:
         return dW_enc, db_enc, dW_dec
 
     # ------------------------------------------------------------------ fused training step
-    def fused_step_supported(self, x: Tensor) -> bool:
-        """Whether ``fused_adam_step`` runs for activations like ``x`` (fp32 master weights assumed)."""
+    def fused_step_supported(self, dtype: torch.dtype) -> bool:
+        """Whether ``fused_adam_step`` runs beside activations of ``dtype`` (fp32 weights and moments)."""
         return False
 
     def fused_adam_step(self, idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm):

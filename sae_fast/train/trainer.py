@@ -26,6 +26,7 @@ from ..activations import ActivationStore, collect_text, default_corpus, load_mo
 from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
 from ..activations.normalization import save_normalization
+from ..checks import deferred_finite_checks, raise_if_nonfinite
 from ..io import save_sae, save_saelens, save_sparsify
 from ..optim import FusedAdam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
@@ -130,7 +131,7 @@ class Trainer:
     def run(self) -> dict:
         c = self.cfg
         backend = ops.use_backend(c.backend) if c.backend else contextlib.nullcontext()
-        with backend:
+        with backend, deferred_finite_checks():  # the NaN/inf check on x is read at logging steps only
             return self._run()
 
     def _run(self) -> dict:
@@ -211,6 +212,7 @@ class Trainer:
             timed += 1
             bar.update(1)
             if step % c.log_every == 0 or step == total:
+                raise_if_nonfinite()
                 elapsed = time.perf_counter() - t_log
                 tok_s = timed * c.batch_tokens / max(elapsed, 1e-9)
                 rows = []
