@@ -33,6 +33,16 @@ from .sae import SAEOutput, SparseAutoencoder
 UNIT_NORM_ACTIVATIONS = ("topk", "batchtopk")
 
 
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused where this torch build has a fused kernel for the parameters' device (the trainer's and
+    the bench's optimizer for unfused steps)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The activations' dtype in the step: autocast's when it is on (over fp32 master weights)."""
     if torch.is_autocast_enabled(x.device.type):

@@ -16,8 +16,7 @@ import torch
 import sae_fast
 from sae_fast import SparseAutoencoder, ops
 from sae_fast.checks import deferred_finite_checks, raise_if_nonfinite
-from sae_fast.optim import UNIT_NORM_ACTIVATIONS, FusedAdam, training_loss
-from sae_fast.train.trainer import make_adam
+from sae_fast.optim import UNIT_NORM_ACTIVATIONS, FusedAdam, make_adam, training_loss
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="needs the cpu backend (sae_fast._C)")
 

@@ -52,7 +52,8 @@ int64_t fused_adam_step(const int32_t* idx, const float* pre, int64_t B, int64_t
                         float* s_W_enc, float* m_b_enc, float* s_b_enc, float* m_W_dec, float* s_W_dec,
                         AdamScalars scalars, bool project, bool renorm, int threads) {
   std::vector<int64_t> start, entry;
-  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, pre);
+  // Entries with dp == v == 0 (below-zero TopK and AuxK entries) add exactly nothing: left out too.
+  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, pre, dp, v);
   if (bad) return bad;
   const Adam adam(scalars);
 #pragma omp parallel num_threads(threads)

@@ -18,7 +18,8 @@ struct AdamScalars {
 };
 
 // Entries e of the (B, K) lists: idx[e] (latent), pre[e] (-inf: padding, skipped), dp[e] (dL/dpre),
-// v[e] (value). Decoder-side rows: g[row] for entries in columns j < K_main, g[B + row] for the rest
+// v[e] (value); entries with dp == v == 0 add nothing and are skipped too. Decoder-side rows: g[row]
+// for entries in columns j < K_main, g[B + row] for the rest
 // (AuxK's own dL/d(e_hat), so g has 2B rows then). xc (B, d) = x - b_dec. d_norm (n) or null:
 // dL/d||W_dec_i|| (ReLU's L1), added as d_norm[i] * W_dec[i] / ||W_dec[i]||. Moments m_*, s_* as
 // torch.optim.Adam's exp_avg, exp_avg_sq. Returns the number of entries with an index outside [0, n)

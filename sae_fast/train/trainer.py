@@ -28,7 +28,7 @@ from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model
 from ..activations.normalization import save_normalization
 from ..checks import deferred_finite_checks, raise_if_nonfinite
 from ..io import save_sae, save_saelens, save_sparsify
-from ..optim import FusedAdam, training_loss
+from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -39,15 +39,6 @@ from .schedule import lr_factor, sparsity_factor
 _FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
                    "device", "fused_step"}
 _DECODER_UNIT_NORM = ("topk", "batchtopk")
-
-
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, fused where this torch build has a fused kernel for the parameters' device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
 
 
 class Trainer:
