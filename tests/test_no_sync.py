@@ -5,7 +5,8 @@ On CPU there is no device queue to stall, so the trap stands in for one: ``item`
 ``__bool__``/``__int__``/``__float__``/``__index__``, ``nonzero``, ``masked_select``, ``unique``,
 ``numpy`` and boolean-mask indexing raise. Allowed: the cpu backend's variable-length selections
 (``threshold_select``, ``batch_topk_select``: ReLU/JumpReLU lists and BatchTopK size their outputs from
-counts of their own CPU arrays). On CUDA the same steps run under ``torch.cuda.set_sync_debug_mode``.
+counts of their own CPU arrays; on a GPU those selections still read their counts). Not yet run on CUDA
+under ``torch.cuda.set_sync_debug_mode("error")`` (no GPU in the session that wrote this).
 """
 import contextlib
 import traceback
