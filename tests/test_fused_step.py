@@ -107,6 +107,31 @@ def test_triton_fused_step_matches_unfused(backend, case):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=2e-6, msg=f"{name} at step {step}")
 
 
+@pytest.mark.parametrize("backend", INTERPRETED_TRITON)
+@pytest.mark.parametrize("case", ["topk+auxk", "relu"])
+def test_triton_fused_step_under_bf16_autocast(backend, case):
+    """Mixed precision: bf16 activations beside fp32 master weights and moments (the GPU default)."""
+    act, opts = CASES[case]
+    sae = _sae(act, 20, 40, opts)
+    ref = copy.deepcopy(sae)
+    fused, plain = FusedAdam(sae, lr=1e-3), torch.optim.Adam(ref.parameters(), lr=1e-3)
+    x = _batches(9, 20, 1)[0]
+    with sae_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.fused_reason(x) is None
+        out = fused.step_fused(x)
+        want = ref(x)
+    training_loss(ref, want, 1.0).backward()
+    if act in UNIT_NORM_ACTIVATIONS:
+        ref.remove_parallel_grad_()
+    plain.step()
+    if act in UNIT_NORM_ACTIVATIONS:
+        ref.normalize_decoder_()
+    torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-2, atol=1e-3)
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    for p, q in zip(sae.parameters(), ref.parameters()):  # bf16 rounding can flip a step's sign: |diff| <= 2 lr
+        assert float((p - q).abs().max()) <= 2.5e-3
+
+
 def test_auxk_is_exercised():
     """The AuxK cases above see dead latents, and some batches have fewer dead latents than k_aux."""
     act, opts = CASES["topk+auxk"]
