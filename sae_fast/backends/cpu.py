@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (ImportError here unregisters the backend)
-from ..checks import check_select_k
+from ..checks import check_index_range, check_select_k
 from .base import INDEX_DTYPE, SparseBackend, cast_or_none, pad_rows
 
 
@@ -57,10 +57,11 @@ def _global_winners(pre: Tensor, idx: Tensor, total: int, n: int) -> Tensor:
     return win.view(B, M)
 
 
-def _raise_if_bad(bad: int, n: int) -> None:
+def _raise_if_bad(bad: int, idx: Tensor, n: int) -> None:
     # The kernels count indices outside [0, n) before reading any row and then do nothing: a bounds check
-    # with no host read of a tensor.
+    # with no host read of a tensor. Only on that error path is the range read, for the message.
     if bad:
+        check_index_range(idx, n)
         raise ValueError(f"indices must lie in [0, n_latents={n}); {bad} entries do not")
 
 
@@ -228,7 +229,7 @@ class CpuBackend(SparseBackend):
         bias_f = None if bias is None else _f32(bias)
         out = torch.empty(B, d, dtype=torch.float32)
         _raise_if_bad(_C.sparse_decode(values.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
-                                       _ptr(bias_f), out.data_ptr(), B, K, n, d, _threads(B * K * d)), n)
+                                       _ptr(bias_f), out.data_ptr(), B, K, n, d, _threads(B * K * d)), idx, n)
         return out.to(W.dtype)
 
     def gather_dot(self, g, idx, W):
@@ -239,7 +240,7 @@ class CpuBackend(SparseBackend):
         g, idx, Ws = _f32(g), _i32(idx), _storage(W)
         out = torch.empty(B, K, dtype=torch.float32)
         _raise_if_bad(_C.gather_dot(g.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
-                                    out.data_ptr(), B, K, n, d, _threads(B * K * d)), n)
+                                    out.data_ptr(), B, K, n, d, _threads(B * K * d)), idx, n)
         return out.to(W.dtype)
 
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
@@ -263,7 +264,7 @@ class CpuBackend(SparseBackend):
             dW_dec = torch.empty(n, d, dtype=out)
         _raise_if_bad(_C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
                                          _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16,
-                                         _threads(n * d + B * K * d)), n)
+                                         _threads(n * d + B * K * d)), idx, n)
         return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))
 
     # ------------------------------------------------------------------ fused training step
@@ -288,5 +289,5 @@ class CpuBackend(SparseBackend):
                                  v.data_ptr(), g.data_ptr(), _ptr(d_norm), *(t.data_ptr() for t in params),
                                  *(t.data_ptr() for t in moments), step_size, bc2_sqrt, beta1, beta2, eps,
                                  bool(project), bool(renorm), _threads(n * d + B * K * d))
-        _raise_if_bad(bad, n)
+        _raise_if_bad(bad, idx, n)
 
