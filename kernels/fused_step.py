@@ -119,6 +119,9 @@ def _fused_adam_kernel(entry_ptr, offset_ptr, dp_ptr, xc_ptr, v_ptr, g_ptr, dnor
         tl.store(sWd_ptr + off, s, mask=m2)
         new_ww += tl.sum(p * p, 1)
     if RENORM:  # SparseAutoencoder.normalize_decoder_
+        # Pass 2's stores must be visible before they are read back (they are, thread by thread, with the
+        # same layout; the barrier makes it so whatever layout the compiler picks).
+        tl.debug_barrier()
         inv = 1.0 / tl.maximum(tl.sqrt(new_ww), 1e-12)
         for d0 in range(0, d, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
