@@ -128,6 +128,7 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
     acc = {k: 0.0 for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "err", "var", "l0", "cos", "shrink")}
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     count = predicted = special = sinks = 0
+    errors: list[Tensor] = []
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="eval", disable=not progress)
     try:
         for inputs, keep in _batches(tokenizer, texts, ctx_len, batch_size, exclude_special):
@@ -150,7 +151,9 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
             values, indices = sae.encode(xs.to(sae.W_dec.dtype))
             x_hat = sae.decode(values, indices).float()
             n = xs.shape[0]
-            acc["err"] += float((x_hat - xs).double().pow(2).sum())
+            tok_err = (x_hat - xs).double().pow(2).sum(-1)
+            errors.append(tok_err.float().cpu())  # 4 bytes a token: which tokens carry the error
+            acc["err"] += float(tok_err.sum())
             acc["var"] += float((xs.double() - mean_sae).pow(2).sum())
             acc["l0"] += float((values > 0).sum())
             acc["cos"] += float(torch.nn.functional.cosine_similarity(xs, x_hat, dim=-1).double().sum())
@@ -188,6 +191,9 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
            "shrinkage": acc["shrink"] / count, "special_excluded": special, "sinks_excluded": sinks,
            "sink_factor": sink_factor}
     out["explained_variance"] = 1.0 - out["fvu"]
+    err = torch.cat(errors).double()
+    top = max(1, err.numel() // 100)
+    out["top1pct_error_share"] = float(torch.topk(err, top).values.sum() / err.sum().clamp_min(1e-30))
     if lm:
         ce = {k: acc[k] / max(predicted, 1) for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean")}
         out.update(ce, predicted_tokens=predicted, kl=acc["kl"] / max(predicted, 1),
@@ -211,4 +217,10 @@ def describe(m: dict) -> str:
                      f"{m['ce_clean']:.4f} clean, {m['ce_spliced']:.4f} spliced (+{m['delta_lm_loss']:.4f} nats), "
                      f"{m['ce_zero']:.4f} zero-ablated, {m['ce_mean']:.4f} mean-ablated; KL(clean||spliced) "
                      f"{m['kl']:.4f} nats/token over {m['predicted_tokens']:,} predicted tokens")
+    if m["dead_frac"] > 0.5:
+        lines.append(f"warning: {100 * m['dead_frac']:.0f}% of the latents never fired on these tokens: train longer, "
+                     "on more tokens, or with fewer latents")
+    if m["top1pct_error_share"] > 0.5:
+        lines.append(f"warning: 1% of the tokens carry {100 * m['top1pct_error_share']:.0f}% of the squared error; "
+                     "outlier tokens (attention sinks?) dominate the FVU: lower --sink-factor")
     return "\n".join(lines)

@@ -80,6 +80,18 @@ def disk_full_error(folder, need: int | None = None) -> OSError:
                    + "; free some space or write elsewhere")
 
 
+def atomic_write_text(path, text: str) -> Path:
+    """Write a small text file by a synced temporary file and a rename: readers see the old or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_dir_write(path, write) -> Path:
     """Call ``write(tmp_dir)`` then move the finished folder into ``path``, so a crash never leaves a half
     written folder behind (an existing folder is replaced only after the new one is complete). The files

@@ -64,9 +64,11 @@ def brute_force(model, tok, sae, scale, ctx_len):
                                 reduction="none").sum(-1).tolist()
     X, Xh = torch.stack(xs).double(), torch.stack(xhats).double()
     ce = {k: sum(v) / len(v) for k, v in nll.items()}
+    per_token = sorted(((X - Xh).pow(2).sum(-1)).tolist(), reverse=True)
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
             "kl": sum(kls) / len(kls), "fvu": float((X - Xh).pow(2).sum() / (X - X.mean(0)).pow(2).sum()),
             "tokens": X.shape[0], "predicted_tokens": len(nll["clean"]),
+            "top1pct_error_share": sum(per_token[:max(1, len(per_token) // 100)]) / sum(per_token),
             "ce_recovered_zero": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])}
 
 

@@ -37,7 +37,7 @@ def test_decoder_neighbours_are_the_closest_directions():
         features.decoder_neighbours(sae, 6)
 
 
-def test_top_examples_match_a_brute_force_scan(setup):
+def test_top_examples_match_a_brute_force_scan(setup, capsys):
     model, tok, sae = setup
     top = features.top_examples(model, tok, "h.1", sae, TEXTS, top=3, scale=1.7, batch_size=4, ctx_len=32,
                                 samples=5, progress=False)
@@ -81,7 +81,9 @@ def test_top_examples_match_a_brute_force_scan(setup):
     buckets = top.quantile_samples(latent, buckets=2, per=2)
     assert buckets and all(lo <= hi for lo, hi, _ in buckets) and buckets[0][1] <= buckets[-1][0]
     # The token budget stops the pass; a NaN in the SAE is an error, not "did not fire".
-    assert features.top_examples(model, tok, "h.1", sae, TEXTS, max_tokens=7, progress=False).n_tokens == 7
+    capsys.readouterr()
+    assert features.top_examples(model, tok, "h.1", sae, TEXTS, max_tokens=7).n_tokens == 7
+    assert "features:" in capsys.readouterr().err  # the progress bar, on by default
     bad = SparseAutoencoder(32, 48, "topk", k=4, seed=0)
     with torch.no_grad():
         bad.b_enc[3] = float("nan")
@@ -167,3 +169,19 @@ def test_features_cli_prints_contexts_and_writes_a_dashboard(setup, tmp_path, ca
                          (["--contrast", str(tmp_path / "corpus"), str(tmp_path / "nowhere")], "does not exist")):
         assert main(base + bad) == 2
         assert message in capsys.readouterr().err
+
+
+def test_byte_level_bpe_pieces_never_show_half_characters():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["the baker sells bread"] * 20 + ["面包师卖面包"] * 3, trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tok("面包师 bread 卖")["input_ids"]
+    assert "\ufffd" in tok.decode(ids[-1:])  # 卖 is two byte tokens here
+    pieces = features.token_pieces(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) and "\ufffd" not in "".join(pieces)
+    assert pieces[1:] == [" bread", " ", "", "卖"]

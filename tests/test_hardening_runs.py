@@ -2,6 +2,7 @@
 and checks it before any expensive work, a cache of another configuration is never overwritten, a finished
 run says so at once, divergence stops the run, a NaN held-out set fails when collected, a full disk is one
 line naming the folder."""
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 
 from sae_fast.activations import ActivationStore
 from sae_fast.cli import main
+from sae_fast.io import load_sae
 from sae_fast.train import TrainConfig, Trainer, list_checkpoints
 from sae_fast.train import trainer as trainer_module
 from sae_fast.train.trainer import TrainingDiverged
@@ -85,6 +87,10 @@ def test_resume_ignores_the_out_spelling_and_export_and_says_finished_at_once(co
     for out in ("./relrun", str(tmp_path / "relrun")):
         summary = Trainer(_cfg(corpus, out, resume=True, export="saelens")).run()
         assert summary["finished_before"] and summary["steps"] == 10
+    # The --export it did not have is written from the final checkpoint, scale folded in.
+    exported, sae = load_sae(tmp_path / "relrun" / "export" / "saelens" / "h.1"), load_sae(tmp_path / "relrun" / "sae" / "h.1")
+    scale = json.loads((tmp_path / "relrun" / "sae" / "h.1" / "normalization.json").read_text())["scale"]
+    torch.testing.assert_close(exported.W_enc, sae.W_enc * scale)
     (tmp_path / "relrun").rename(tmp_path / "moved")
     capsys.readouterr()
     assert main(_args(_cfg(corpus, "moved")) + ["--resume"]) == 0

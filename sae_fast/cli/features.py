@@ -130,8 +130,8 @@ def add_parser(sub) -> None:
                    "promotes and suppresses through the unembedding (final norm's weight applied)")
     p.add_argument("--prompt", action="append", default=None, help="also list the features firing on each token of "
                    "this text, printed and in the site's prompt page (repeatable)")
-    p.add_argument("--contrast", nargs="+", metavar="POS NEG", default=None, help="rank latents firing more on "
-                   "corpus POS than on corpus NEG (paths); the word errors runs the demo (standard-library code that "
+    p.add_argument("--contrast", nargs="+", metavar="PATH", default=None, help="--contrast POS NEG: rank latents "
+                   "firing more on corpus POS than on corpus NEG; --contrast errors runs the demo (standard-library code that "
                    "raises or shows an error vs ordinary code)")
     p.add_argument("--level", choices=("token", "text"), default="token", help="--contrast unit: tokens, or windows "
                    "of --ctx-len tokens (default: %(default)s)")

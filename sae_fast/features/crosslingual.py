@@ -113,7 +113,9 @@ def cross_lingual(model, tokenizer, layer: str, sae, scale: float = 1.0, concept
         toks = {}
         for lang in range(L):
             pieces, at = where[c * L + lang]
-            toks[languages[lang]] = (pieces[int(at[i])].strip(), float(strength[c, lang, i]))
+            j = int(at[i])  # a token holding part of a character shows the character its successor completes
+            piece = next((p for p in pieces[j:] if p), pieces[j])
+            toks[languages[lang]] = (piece.strip(), float(strength[c, lang, i]))
         best.append({"latent": i, "concept": concepts[c]["concept"], "fires_on": int(total[i]), "tokens": toks})
     return CrossLingual(languages, [c["concept"] for c in concepts], int(real.sum()), controls,
                         real.sum(1).tolist(), best)

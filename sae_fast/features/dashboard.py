@@ -41,9 +41,9 @@ def _feature_page(stats, latent, shown, neighbours, logits, row, before, after) 
     parts = [f"<p><a href='../index.html'>← all features</a></p><h1>latent {latent}</h1>",
              f"<p id='stats'>density {fmt_density(float(stats.density[latent]))} "
              f"({int(stats.count[latent])} of {stats.n_tokens} tokens) · max {peak:.3f} · "
-             f"mean {float(stats.mean_activation[latent]):.3f}</p>",
-             "<h2>Activation histogram</h2>", histogram_svg(stats.hist[latent].tolist(), HIST_EDGES.tolist())]
-    side = []
+             f"mean {float(stats.mean_activation[latent]):.3f}</p>"]
+    side = ["<div id='histogram'><h2>Activation histogram</h2>"
+            f"{histogram_svg(stats.hist[latent].tolist(), HIST_EDGES.tolist())}</div>"]
     if neighbours is not None:
         sims, ids = neighbours
         items = "".join(f"<li>{_link(int(j), shown, 1)} <span class='val'>{float(s):.3f}</span></li>"
@@ -57,8 +57,7 @@ def _feature_page(stats, latent, shown, neighbours, logits, row, before, after) 
                            for t, v in logits.tokens(row, which))
             lists.append(f"<p>{which}: {toks}</p>")
         side.append(f"<div id='logits'><h2>Logit effects ({norm})</h2>{''.join(lists)}</div>")
-    if side:
-        parts.append(f"<div class='grid'>{''.join(side)}</div>")
+    parts.append(f"<div class='grid'>{''.join(side)}</div>")
     top = _contexts(stats, latent, stats.top_tokens(latent), peak, before, after)
     parts.append(f"<h2>Top activations</h2><div id='top'>{top}</div>")
     parts.append("<h2>Samples by activation quantile</h2><div id='quantiles'>")

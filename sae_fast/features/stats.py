@@ -146,8 +146,9 @@ class FeatureStats:
         out = []
         for value, t in self.top_tokens(latent, dedup):
             pieces, _, at = self.context(latent, t, context, 2)
-            text = "".join(pieces[:at]) + "«" + visible(pieces[at]) + "»" + "".join(pieces[at + 1:])
-            out.append((value, " ".join(text.split("\n")).strip()))
+            # Newlines and tabs as ↵ ⇥ (one line per example); plain spaces stay spaces.
+            flat = lambda ps: "".join(ps).replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+            out.append((value, f"{flat(pieces[:at])}«{visible(pieces[at])}»{flat(pieces[at + 1:])}".strip()))
         return out
 
     def quantile_samples(self, latent: int, buckets: int = 4, per: int = 3) -> list[tuple[float, float, list]]:

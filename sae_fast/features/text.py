@@ -12,14 +12,19 @@ def token_pieces(tokenizer, ids: list[int], left: list[int] | None = None) -> li
     left = list(left or [])
     # One batch call for every prefix: much less per-call overhead than decoding them one by one.
     prefixes = tokenizer.batch_decode([left + ids[: i + 1] for i in range(len(ids))] + ([left] if left else []))
-    prev = prefixes.pop() if left else ""
+    done = prefixes.pop() if left else ""
     pieces = []
     for i, full in enumerate(prefixes):
-        if full.startswith(prev):
-            pieces.append(full[len(prev):])
-        else:  # decoding changed earlier text (a byte-level BPE character completed): fall back to the token
+        if full.endswith("\ufffd") and i + 1 < len(ids):
+            # A byte-level BPE token holding part of a character (Chinese, emoji): the token that completes
+            # the character gets all of it, this one nothing, so no "�" shows and the join still decodes.
+            pieces.append("")
+            continue
+        if full.startswith(done):
+            pieces.append(full[len(done):])
+        else:  # decoding changed earlier text: fall back to the token alone
             pieces.append(tokenizer.decode(ids[i:i + 1]))
-        prev = full
+        done = full
     return pieces
 
 

@@ -105,7 +105,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- output
     out: str = "sae-fast-out"
-    """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json."""
+    """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json; one run at a time
+    (a second run in it fails at once)."""
     export: str = "none"
     """Also write the final SAEs as saelens or sparsify (topk only) folders, export/<format>/<layer>/, with
     the activation scale folded into the weights so they read raw model activations; none: skip."""
@@ -116,7 +117,8 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics.jsonl rows."""
     resume: bool = False
-    """Continue from the run folder's last checkpoint (same trajectory as an uninterrupted run)."""
+    """Continue from the run folder's newest intact checkpoint (checksums and values checked; a damaged one
+    is skipped, saying why) on the same trajectory as an uninterrupted run; a finished run says so."""
     plot: bool = True
     """Write curves.png (needs matplotlib)."""
     progress: bool = True

@@ -23,10 +23,11 @@ def has_lm_head(name) -> bool:
 def splice_eval(cfg, saes: dict, scales: dict, device, log=print) -> dict | None:
     """{layer: evaluate(...) numbers} over the first ``cfg.eval_tokens`` tokens of the corpus (the windows
     the held-out activations came from), or None when the model has no LM head or eval_tokens is 0."""
-    from ..evaluate import describe, evaluate
+    from ..evaluate import evaluate
 
     if not cfg.eval_tokens or not has_lm_head(cfg.model):
         return None
+    log("splicing the SAEs into the model on the held-out text (sae_fast.evaluate)")
     model, tok = load_model(cfg.model, device=device, auto_class="AutoModelForCausalLM")
     out = {}
     for layer, sae in saes.items():
@@ -36,5 +37,4 @@ def splice_eval(cfg, saes: dict, scales: dict, device, log=print) -> dict | None
                               batch_size=min(cfg.model_batch, 8), max_tokens=cfg.eval_tokens,
                               sink_factor=cfg.sink_factor, exclude_special=cfg.exclude_special_tokens,
                               progress=cfg.progress)
-        log(f"{layer}: {describe(out[layer])}")
     return out

@@ -28,7 +28,7 @@ from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
 from ..checks import deferred_finite_checks, raise_if_nonfinite
-from ..folders import disk_full_error, is_disk_full
+from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
 from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
@@ -197,8 +197,7 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
         ckpt = self._resume_point(ckpt_root) if c.resume else None
         if ckpt is not None and ckpt.meta["step"] == ckpt.meta.get("total_steps") and (self.out / "summary.json").is_file():
-            self.log(f"the run in {self.out} has already finished ({ckpt.meta['step']} steps): nothing to resume")
-            return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
+            return self._finished(ckpt)
         train, evals = self.load_data()
         self._check_held_out(evals)
         self.check_widths(train.widths)
@@ -231,7 +230,7 @@ class Trainer:
             with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
                 for n in layers:
                     saes[n].b_dec.copy_(first[n].mean(0))
-        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
 
         stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
@@ -340,6 +339,23 @@ class Trainer:
         var = float((x - x.mean(0)).pow(2).sum())
         return {"fvu": err / max(var, 1e-30), "l0": l0 / x.shape[0]}
 
+    def _export(self, saes: dict, scales: dict) -> None:
+        c = self.cfg
+        if c.export == "saelens":
+            for n, sae in saes.items():
+                save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
+                             metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
+        if c.export == "sparsify":
+            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+
+    def _finished(self, ckpt) -> dict:
+        """--resume on a finished run: nothing to train; write an --export it did not have yet."""
+        self.log(f"the run in {self.out} has already finished ({ckpt.meta['step']} steps): nothing to resume")
+        if self.cfg.export != "none" and not (self.out / "export" / self.cfg.export).exists():
+            self.log(f"writing the --export {self.cfg.export} it did not have")
+            self._export(ckpt.saes, ckpt.meta["scales"])
+        return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
+
     def _finish(self, saes: dict, evals: ActivationStore, scales: dict, step: int, total: int) -> dict:
         c = self.cfg
         held_out = evals.all() if evals.n_rows else None
@@ -354,21 +370,19 @@ class Trainer:
             folder = self.out / "sae" / n
             save_sae(sae, folder, metadata={"model": model_id(c.model), "hook": n})
             save_normalization(folder, n, scales[n], sae.d_in)
-            if c.export == "saelens":
-                save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
-                             metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
             summary["layers"][n] = final
-        if c.export == "sparsify":
-            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+        self._export(saes, scales)
         spliced = splice_eval(c, saes, scales, self.device, self.log)  # causal LMs only
         for n, m in (spliced or {}).items():
             summary["layers"][n]["spliced"] = m
-            (self.out / "sae" / n / "eval.json").write_text(json.dumps(m, indent=2) + "\n")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.out / "sae" / n / "eval.json", json.dumps(m, indent=2) + "\n")
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if c.plot:
             try:
                 summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
-                                                  title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}"))
+                                                  title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}",
+                                                  held_out={n: m.get("fvu") for n, m in summary["layers"].items()},
+                                                  show_loss=c.activation not in _DECODER_UNIT_NORM))
             except ImportError:
                 self.log("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return summary
