@@ -94,6 +94,11 @@ class TrainConfig:
     """Seed of the SAE initialisation and the data order."""
     backend: Optional[str] = None
     """Kernel backend (reference, torch, cpu, triton); default: the fastest for the device."""
+    fused_step: bool = True
+    """Run each step as one fused pass (sae_fast.optim.FusedAdam: encoder, latent-sorted backward, Adam and the
+    decoder constraints, no (n, d) gradients) where a kernel applies: grad_accum 1 on the cpu backend in fp32 or
+    the triton backend (CUDA, bf16 autocast too). Elsewhere, or with --no-fused-step: backward, torch's Adam,
+    then the decoder constraints. Same Adam state, so a run resumes across the two."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """SAE compute dtype: bf16 autocast over fp32 master weights (weights, gradients and Adam stay fp32), or
     fp32; auto: bf16 on CUDA, fp32 elsewhere. The held-out evaluation runs in fp32."""

@@ -3,7 +3,9 @@
 Per step: ``grad_accum`` micro-batches, each layer's SAE forward/backward (losses from the module:
 TopK/BatchTopK = FVU + AuxK on dead latents; ReLU = MSE + warmed-up L1; JumpReLU = MSE + warmed-up L0),
 then for TopK/BatchTopK the decoder gradient's component parallel to each row is removed, Adam steps,
-and decoder rows are renormalised to unit norm. Everything a step depends on (weights, Adam moments,
+and decoder rows are renormalised to unit norm. With ``fused_step`` (the default) and one micro-batch,
+where a fused kernel applies, all of that is one ``FusedAdam.step_fused`` per layer (same math, same Adam
+state). Losses are summed on the device and read only at logging steps. Everything a step depends on (weights, Adam moments,
 the dead-latent counters, the data position, the RNG) is in the checkpoint, so a resumed run takes the
 same steps as one that never stopped.
 """
@@ -25,8 +27,10 @@ from ..activations import ActivationStore, collect_text, default_corpus, load_mo
 from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
+from ..checks import deferred_finite_checks, raise_if_nonfinite
 from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
+from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, newest_intact, read_manifest, restore, save_checkpoint
 from .config import TrainConfig
@@ -41,15 +45,6 @@ _DECODER_UNIT_NORM = ("topk", "batchtopk")
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite; the message names the step, the layer and a likely cause."""
-
-
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, fused where this torch build has a fused kernel for the parameters' device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
 
 
 class Trainer:
@@ -142,16 +137,28 @@ class Trainer:
         c = self.cfg
         return c.steps or max(1, math.ceil(c.epochs * n_rows / c.batch_tokens))
 
-    def _loss(self, sae: SparseAutoencoder, out, weight: float) -> torch.Tensor:
-        if sae.cfg.activation in ("relu", "jumprelu"):  # mse + warmed-up sparsity term
-            return out.mse + weight * (out.loss - out.mse)
-        return out.loss
+    def _optimizers(self, saes: dict, autocast) -> tuple[dict, bool]:
+        """One Adam per layer: FusedAdam where its fused step applies (said in the log), else make_adam's."""
+        c = self.cfg
+        reason = "--no-fused-step" if not c.fused_step else (
+            f"grad_accum={c.grad_accum}" if c.grad_accum > 1 else None)
+        if reason is None:
+            fused = {n: FusedAdam(sae, lr=c.lr) for n, sae in saes.items()}
+            with autocast:
+                probe = {n: fused[n].fused_reason(torch.zeros(1, sae.d_in, device=self.device))
+                         for n, sae in saes.items()}
+            reason = next((r for r in probe.values() if r), None)
+            if reason is None:
+                self.log("step: fused (sae_fast.optim.FusedAdam)")
+                return fused, True
+        self.log(f"step: unfused ({reason})")
+        return {n: make_adam(sae.parameters(), c.lr) for n, sae in saes.items()}, False
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         c = self.cfg
         backend = ops.use_backend(c.backend) if c.backend else contextlib.nullcontext()
-        with backend:
+        with backend, deferred_finite_checks():  # the NaN/inf check on x is read at logging steps only
             return self._run()
 
     def _run(self) -> dict:
@@ -198,7 +205,9 @@ class Trainer:
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
         saes = {n: self._make_sae(train.widths[n]) for n in layers}
-        opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
+        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        opts, fused = self._optimizers(saes, autocast)
 
         step, pos = 0, 0
         sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
@@ -228,8 +237,6 @@ class Trainer:
                                device=self.device)
         for sae in saes.values():
             sae.train()
-        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not c.progress, dynamic_ncols=True)
         t_log, timed = time.perf_counter(), 0  # for tokens/s: steps done in this process since the last log row
         while step < total:
@@ -239,18 +246,21 @@ class Trainer:
                 batch = next(stream)
                 pos += micro
                 for n in layers:
-                    with autocast:
-                        out = saes[n](batch[n])
-                    (self._loss(saes[n], out, weight) / c.grad_accum).backward()
+                    for group in opts[n].param_groups:
+                        group["lr"] = lr
+                    if fused:
+                        out = opts[n].step_fused(batch[n], weight)
+                    else:
+                        with autocast:
+                            out = saes[n](batch[n])
+                        (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
-                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):
-                        acc[key] = acc.get(key, 0.0) + getattr(out, key).item() / c.grad_accum
-            for n in layers:
+                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
+                        acc[key] = acc.get(key, 0.0) + getattr(out, key).detach().float() / c.grad_accum
+            for n in layers if not fused else ():
                 sae, opt = saes[n], opts[n]
                 if c.activation in _DECODER_UNIT_NORM:
                     sae.remove_parallel_grad_()
-                for group in opt.param_groups:
-                    group["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if c.activation in _DECODER_UNIT_NORM:
@@ -260,12 +270,13 @@ class Trainer:
             timed += 1
             bar.update(1)
             if step % c.log_every == 0 or step == total:
+                raise_if_nonfinite()
                 elapsed = time.perf_counter() - t_log
                 tok_s = timed * c.batch_tokens / max(elapsed, 1e-9)
                 rows = []
                 for n in layers:
                     row = {"step": step, "tokens": step * c.batch_tokens, "layer": n, "lr": lr,
-                           **{k: v / since for k, v in sums[n].items()},
+                           **{k: float(v) / since for k, v in sums[n].items()},
                            "dead_pct": 100.0 * float(saes[n].dead_mask.float().mean()), "tok_per_s": round(tok_s)}
                     metrics.write(row)
                     rows.append(row)
@@ -277,7 +288,8 @@ class Trainer:
                 self._check_finite(step, saes, rows, ckpt_root)
             if step % c.checkpoint_every == 0 or step == total:
                 self._check_finite(step, saes, [], ckpt_root)  # never checkpoint non-finite weights
-                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
+                log_sums = {n: {k: float(v) for k, v in row.items()} for n, row in sums.items()}
+                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": log_sums,
                          "log_since": since, "total_steps": total, "config": c.to_dict()}
                 save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
