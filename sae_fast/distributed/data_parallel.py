@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import ops, reference
+from .. import ops
 from ..sae import SAEOutput, SparseAutoencoder
 from .collectives import all_gather_cat, all_reduce_, merge_top, pad_candidates, rank_world
 
