@@ -2,7 +2,9 @@
 single-process steps (Adam included), layer-distributed equals training the layers one by one, and
 checkpoints move between world sizes."""
 import copy
+import dataclasses
 import os
+import shutil
 
 import pytest
 import torch
@@ -110,3 +112,77 @@ def test_data_parallel_steps_equal_one_process(tmp_path):
 def test_latents_not_divisible_by_world_is_a_clear_error():
     with pytest.raises(ValueError, match="n_latents=30 must be divisible by the world size 4"):
         shard_range(30, 0, 4)
+
+
+# ---------------------------------------------------------------------------- the trainer under a process group
+def _tiny_cfg(tmp_path, **kw):
+    from sae_fast.train import TrainConfig
+    # The model folder is made once, by the test, and passed to the ranks: the configs must be identical.
+    base = dict(model=os.environ["SAE_FAST_TEST_MODEL"], layer="h.1", corpus=str(tmp_path / "corpus"),
+                ctx_len=64, max_tokens=1500, eval_tokens=128, n_latents=32, k=4, batch_tokens=64, steps=6,
+                warmup_steps=1, lr=1e-2, dead_tokens=128, checkpoint_every=3, log_every=2, progress=False,
+                plot=False, cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer_worker(rank, init_file, tmp_path, port):
+    from sae_fast.train import Trainer
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    tmp_path = type(tmp_path)(tmp_path)
+    latent = _tiny_cfg(tmp_path, distributed="latent", out=str(tmp_path / "latent"))
+    Trainer(latent).run()
+    for resumed in ("resume2",):  # back to the step-3 checkpoint, resumed on 2 ranks (on 1 in the test)
+        if rank == 0:
+            shutil.copytree(tmp_path / "latent" / "sae", tmp_path / "straight" / "sae")
+            shutil.rmtree(tmp_path / "latent" / "checkpoints" / "step_00000006")
+        dist.barrier()
+        Trainer(dataclasses.replace(latent, resume=True)).run()
+        if rank == 0:
+            shutil.copytree(tmp_path / "latent" / "sae", tmp_path / resumed / "sae")
+    Trainer(_tiny_cfg(tmp_path, distributed="data", out=str(tmp_path / "data"), activation="relu",
+                      l1_coeff=0.05)).run()
+    Trainer(_tiny_cfg(tmp_path, distributed="layers", layer="h.0,h.1", out=str(tmp_path / "layers"))).run()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(run, layer="h.1"):
+    return SparseAutoencoder.load(run / "sae" / layer).state_dict()
+
+
+def test_trainer_modes_equal_one_process_and_checkpoints_move_between_world_sizes(tmp_path):
+    from hf_tiny import tiny_model_dir, write_corpus
+
+    from sae_fast.train import Trainer
+    write_corpus(tmp_path / "corpus")
+    os.environ["SAE_FAST_TEST_MODEL"] = str(tiny_model_dir("gpt2"))  # the spawned ranks inherit it
+    _spawn(_trainer_worker, tmp_path, tmp_path, _free_port())
+    # One process: the same runs, and the latent run's step-3 checkpoint resumed.
+    Trainer(_tiny_cfg(tmp_path, out=str(tmp_path / "one"))).run()
+    shutil.rmtree(tmp_path / "latent" / "checkpoints" / "step_00000006")
+    Trainer(_tiny_cfg(tmp_path, distributed="none", out=str(tmp_path / "latent"), resume=True)).run()
+    Trainer(_tiny_cfg(tmp_path, out=str(tmp_path / "one_relu"), activation="relu", l1_coeff=0.05)).run()
+    Trainer(_tiny_cfg(tmp_path, layer="h.0,h.1", out=str(tmp_path / "one_layers"))).run()
+    one = _weights(tmp_path / "one")
+    for run in ("straight", "resume2", "latent"):  # latent: resumed on one process
+        got = _weights(tmp_path / run)
+        for k in one:
+            _close(got[k].float(), one[k].float(), f"{run} {k}")
+    got, want = _weights(tmp_path / "data"), _weights(tmp_path / "one_relu")
+    for k in want:
+        _close(got[k].float(), want[k].float(), f"data {k}")
+    for layer in ("h.0", "h.1"):  # layer-distributed: the same SAEs as one process training both layers
+        got, want = _weights(tmp_path / "layers", layer), _weights(tmp_path / "one_layers", layer)
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"layers {layer} {k}"
+    rows = [r for r in (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 and not list((tmp_path / "layers").glob("metrics.rank*"))

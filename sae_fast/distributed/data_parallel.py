@@ -29,11 +29,13 @@ def _with_value(share: Tensor, total: Tensor) -> Tensor:
 
 
 class DataParallelSAE(nn.Module):
-    """Wraps a SparseAutoencoder (identical on every rank); ``forward(x_local)`` takes this rank's rows."""
+    """Wraps a SparseAutoencoder (identical on every rank); ``forward(x)`` takes this rank's rows, or with
+    ``takes_global_batch`` the whole batch, of which it encodes its ``tensor_split`` part (the trainer's
+    use: every rank reads the same stream)."""
 
-    def __init__(self, sae: SparseAutoencoder, group=None):
+    def __init__(self, sae: SparseAutoencoder, group=None, takes_global_batch: bool = False):
         super().__init__()
-        self.module, self.group = sae, group
+        self.module, self.group, self.takes_global_batch = sae, group, takes_global_batch
         self.rank, self.world = rank_world(group)
         self.cfg = sae.cfg
 
@@ -63,6 +65,9 @@ class DataParallelSAE(nn.Module):
         cfg, sae = self.cfg, self.module
         lead = x.shape[:-1]
         x2 = sae._flatten(x)
+        if self.takes_global_batch:
+            x2 = x2.tensor_split(self.world)[self.rank]
+            lead = x2.shape[:-1]
         dtype, (W_enc, b_enc, W_dec, b_dec) = sae._weights(x2)
         xc = x2.to(dtype)
         B = x2.shape[0]

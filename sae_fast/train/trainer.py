@@ -24,16 +24,17 @@ from ..activations import ActivationStore, collect_text, default_corpus, load_mo
 from ..activations.hooks import middle_layer, resolve_layers
 from ..activations.model import DEFAULT_LAYER, DEFAULT_MODEL_NAME, default_model_path
 from ..activations.normalization import save_normalization
+from ..distributed.runtime import plan_for
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_curves
 from .schedule import lr_factor, sparsity_factor
 
 # Config fields that do not change the trajectory: a run may resume with different values for these.
 _FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
-                   "device"}
+                   "device", "distributed", "dist_timeout"}  # checkpoints move between world sizes and modes
 _DECODER_UNIT_NORM = ("topk", "batchtopk")
 
 
@@ -54,6 +55,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.log = print
+        self.dist = plan_for(self)  # sae_fast.distributed's hooks; single-process ones unless --distributed
 
     # ------------------------------------------------------------------ data
     def _fingerprint(self) -> dict:
@@ -121,12 +123,13 @@ class Trainer:
     def _run(self) -> dict:
         c = self.cfg
         torch.manual_seed(c.seed)
-        train, evals = self.load_data()
+        train, evals = self.dist.load_data(self.load_data)
         layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
+        layers = self.dist.own_layers(layers)
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
-        saes = {n: self._make_sae(train.widths[n]) for n in layers}
-        opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
+        saes = {n: self.dist.wrap_sae(self._make_sae(train.widths[n])) for n in layers}
+        opts = {n: self.dist.optimizer(make_adam(saes[n].parameters(), c.lr), saes[n]) for n in layers}
 
         ckpt_root = self.out / "checkpoints"
         step, pos = 0, 0
@@ -137,7 +140,7 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
         if c.resume and existing:
             self._check_resume_config(json.loads((existing[-1] / "state.json").read_text())["config"])
-            meta = load_checkpoint(existing[-1], saes, opts)
+            meta = self.dist.load_checkpoint(existing[-1], saes, opts)
             step, pos = meta["step"], meta["data_position"]
             sums, since = meta["log_sums"], meta["log_since"]
             self.log(f"resuming from {existing[-1]} (step {step}/{total})")
@@ -154,8 +157,9 @@ class Trainer:
                 for n in layers:
                     saes[n].b_dec.copy_(first[n].mean(0))
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
+        if self.dist.writes_files:
+            (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        metrics = MetricsLog(self.dist.metrics_path(self.out / "metrics.jsonl"), resume_step=step if step else None)
 
         stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
                                device=self.device)
@@ -210,9 +214,9 @@ class Trainer:
             if step % c.checkpoint_every == 0 or step == total:
                 state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
                          "log_since": since, "config": c.to_dict()}
-                save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
+                self.dist.save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
-        return self._finish(saes, evals, scales, step, total)
+        return self.dist.finish(self._finish, saes, evals, scales, step, total)
 
     def _check_resume_config(self, saved: dict) -> None:
         now = self.cfg.to_dict()
