@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from sae_fast import SparseAutoencoder
 from sae_fast.distributed import DataParallelSAE, LatentShardedSAE, attach_grad_sync, check_same_config
 from sae_fast.distributed.latent_sharded import shard_range
+from sae_fast.distributed.layers import assign_layers
 
 WORLD = 2
 CASES = [("topk", dict(k=4, k_aux=6, dead_tokens=40)), ("relu", dict(l1_coeff=0.05)),
@@ -89,29 +90,24 @@ def _compare_runs(make_dist, rows_of, steps=4, B=24):
         assert aux_seen or activation != "topk", "AuxK never ran"
 
 
-def _latent_worker(rank, init_file):
+def _steps_worker(rank, init_file):
     _init(rank, init_file)
     _compare_runs(LatentShardedSAE, lambda x, r: x)
-
-
-def _dp_worker(rank, init_file):
-    _init(rank, init_file)
     _compare_runs(DataParallelSAE, lambda x, r: x.chunk(WORLD)[r])
     with pytest.raises(ValueError, match="ranks \\[1\\] were started with a different"):
         check_same_config({"n_latents": 32 + rank})
 
 
-def test_latent_sharded_steps_equal_one_process(tmp_path):
-    _spawn(_latent_worker, tmp_path)
+def test_latent_sharded_and_data_parallel_steps_equal_one_process(tmp_path):
+    _spawn(_steps_worker, tmp_path)
 
 
-def test_data_parallel_steps_equal_one_process(tmp_path):
-    _spawn(_dp_worker, tmp_path)
-
-
-def test_latents_not_divisible_by_world_is_a_clear_error():
+def test_clear_errors_for_shapes_the_world_cannot_split():
     with pytest.raises(ValueError, match="n_latents=30 must be divisible by the world size 4"):
         shard_range(30, 0, 4)
+    with pytest.raises(ValueError, match="at least as many hooked layers as ranks: 1 layer"):
+        assign_layers(["h.1"], 0, 2)
+    assert assign_layers(["h.0", "h.1", "h.2"], 1, 2) == ["h.1"]
 
 
 # ---------------------------------------------------------------------------- the trainer under a process group
@@ -186,3 +182,34 @@ def test_trainer_modes_equal_one_process_and_checkpoints_move_between_world_size
             assert torch.equal(got[k], want[k]), f"layers {layer} {k}"
     rows = [r for r in (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 and not list((tmp_path / "layers").glob("metrics.rank*"))
+
+
+def test_a_killed_rank_ends_the_others_with_a_clear_error(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hf_tiny import tiny_model_dir, write_corpus
+    args = [sys.executable, "-m", "sae_fast.cli", "train", "--distributed", "latent", "--model", str(tiny_model_dir()),
+            "--layer", "h.1", "--corpus", str(write_corpus(tmp_path / "corpus")), "--ctx-len", "64", "--max-tokens",
+            "1500", "--eval-tokens", "0", "--n-latents", "32", "--k", "4", "--batch-tokens", "64", "--steps", "100000",
+            "--checkpoint-every", "5", "--no-plot", "--no-progress", "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--dist-timeout", "60"]
+    port = _free_port()
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(
+        os.environ, RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1")) for r in range(WORLD)]
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "checkpoints" / "step_00000005").is_dir():
+            assert time.time() < deadline and procs[0].poll() is None, procs[0].stdout.read().decode()
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        out = procs[0].communicate(timeout=60)[0].decode()  # well within --dist-timeout: the socket closes
+        assert procs[0].returncode == 3, out
+        assert "a collective with the other ranks failed" in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
