@@ -222,3 +222,20 @@ def test_a_killed_rank_ends_the_others_with_a_clear_error(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.parametrize("n,d,activation", [(32, 12, "topk"), (48, 7, "jumprelu"), (40, 600, "relu")])
+def test_shard_init_is_the_rows_of_the_single_process_init(n, d, activation, monkeypatch):
+    from sae_fast.distributed import latent_sharded
+    from sae_fast.distributed.latent_sharded import shard_init_state
+    from sae_fast.sae import SAEConfig
+    monkeypatch.setattr(latent_sharded, "INIT_CHUNK_VALUES", 64)  # 16-row chunks: several per shard
+    cfg = SAEConfig(d_in=d, n_latents=n, activation=activation, k=4)
+    full = SparseAutoencoder(cfg=cfg, seed=3).state_dict()
+    for world in (1, 2, 4):
+        for rank in range(world):
+            start, stop = shard_range(n, rank, world)
+            got = shard_init_state(cfg, 3, start, stop)
+            for k, v in got.items():
+                want = full[k] if k == "b_dec" else full[k][start:stop]
+                assert torch.equal(v, want), (world, rank, k)

@@ -16,6 +16,7 @@ only; the backward's one collective is the all_reduce of b_dec's gradient (d).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from .collectives import all_gather_cat, all_reduce_, merge_top, pad_candidates,
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")  # row i belongs to latent i
 LATENT_BUFFERS = ("tokens_since_fired",)
+INIT_CHUNK_VALUES = 1 << 22  # random values drawn at a time by shard_init_state (16 MB)
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -41,24 +43,56 @@ def local_config(cfg: SAEConfig, world: int) -> SAEConfig:
     return dataclasses.replace(cfg, n_latents=n_local, k=min(cfg.k, n_local))
 
 
+def shard_init_state(cfg: SAEConfig, seed: int | None, start: int, stop: int) -> dict:
+    """Rows [start, stop) of ``SparseAutoencoder(cfg=cfg, seed=seed)``'s initial state, without the whole
+    n x d matrix: the generator is streamed in chunks of 16-row multiples (torch's CPU normal_ fills blocks
+    of 16 values, so the chunks draw the same numbers as one call; tests/test_distributed.py checks it) and
+    only this shard's rows are kept. ``seed=None`` streams torch's global generator, as the module does."""
+    n, d = cfg.n_latents, cfg.d_in
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rows = 16 * max(1, INIT_CHUNK_VALUES // (16 * d))
+    kept = []
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        block = torch.randn(hi - lo, d, generator=gen, dtype=torch.float32)
+        if hi > start and lo < stop:
+            kept.append(block[max(start, lo) - lo:min(stop, hi) - lo])
+        if hi >= stop and seed is not None:
+            break  # later rows are not ours (the global generator is streamed to the end, as one call would)
+    W_dec = torch.cat(kept)
+    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    state = {"W_dec": W_dec, "W_enc": W_dec.clone(), "b_enc": torch.zeros(stop - start), "b_dec": torch.zeros(d)}
+    if cfg.activation == "jumprelu":
+        state["log_threshold"] = torch.full((stop - start,), math.log(cfg.jumprelu_init_threshold))
+    return state
+
+
 class LatentShardedSAE(nn.Module):
     """One rank's shard of an SAE with ``cfg.n_latents`` latents. ``forward`` returns the global
     SAEOutput (the same on every rank; for relu/jumprelu ``values``/``indices`` are this shard's code,
-    with global indices). ``local`` is an ordinary SparseAutoencoder holding the shard's rows."""
+    with global indices). ``local`` is an ordinary SparseAutoencoder holding the shard's rows.
 
-    def __init__(self, full: SparseAutoencoder, group=None):
+    ``LatentShardedSAE(full)`` keeps this rank's rows of an existing SAE; ``LatentShardedSAE(cfg=...,
+    seed=...)`` initialises only them, equal to the rows of ``SparseAutoencoder(cfg=cfg, seed=seed)``."""
+
+    def __init__(self, full: SparseAutoencoder | None = None, group=None, *, cfg: SAEConfig | None = None,
+                 seed: int | None = None, device=None):
         super().__init__()
         self.group = group
         self.rank, self.world = rank_world(group)
-        self.cfg = full.cfg
-        self.start, self.stop = shard_range(full.n_latents, self.rank, self.world)
-        state = {k: (v[self.start:self.stop] if k in LATENT_PARAMS + LATENT_BUFFERS else v).detach().clone()
-                 for k, v in full.state_dict().items()}
-        weights = {k: v for k, v in state.items() if k not in ("tokens_since_fired", "threshold")}
-        buffers = {k: state[k] for k in ("tokens_since_fired", "threshold")}
-        self.local = SparseAutoencoder.from_weights(local_config(full.cfg, self.world), weights,
-                                                    device=full.W_enc.device, dtype=full.W_enc.dtype,
-                                                    buffers=buffers)
+        self.cfg = full.cfg if full is not None else cfg
+        if self.cfg is None:
+            raise TypeError("LatentShardedSAE needs an SAE to shard or cfg=")
+        self.start, self.stop = shard_range(self.cfg.n_latents, self.rank, self.world)
+        if full is not None:
+            state = {k: (v[self.start:self.stop] if k in LATENT_PARAMS + LATENT_BUFFERS else v).detach().clone()
+                     for k, v in full.state_dict().items()}
+            device, dtype = full.W_enc.device, full.W_enc.dtype
+            buffers = {k: state.pop(k) for k in ("tokens_since_fired", "threshold")}
+        else:
+            state, dtype, buffers = shard_init_state(self.cfg, seed, self.start, self.stop), torch.float32, None
+        self.local = SparseAutoencoder.from_weights(local_config(self.cfg, self.world), state, device=device,
+                                                    dtype=dtype, buffers=buffers)
 
     # The trainer reaches these on any SAE-like module.
     @property

@@ -1,5 +1,5 @@
 """The trainer's view of a distributed run: ``plan_for(trainer)`` gives the few hooks Trainer calls
-(data loading, which layers, wrapping SAEs and optimizers, checkpoints, metrics, the final write). With
+(data loading, which layers, making SAEs and wrapping optimizers, checkpoints, metrics, the final write). With
 ``distributed="none"`` they are the single-process behaviour unchanged.
 
 Under torchrun the process group comes from the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..sae import SparseAutoencoder
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from .checkpoint import gather_full, load_distributed_checkpoint, save_distributed_checkpoint
 from .collectives import check_same_config
@@ -39,8 +40,8 @@ class SingleProcess:
     def own_layers(self, layers):
         return list(layers)
 
-    def wrap_sae(self, sae):
-        return sae
+    def make_sae(self, cfg, device, seed):
+        return SparseAutoencoder(cfg=cfg, device=device, seed=seed)
 
     def optimizer(self, opt, sae):
         return opt
@@ -106,12 +107,11 @@ class Distributed(SingleProcess):
     def own_layers(self, layers):
         return assign_layers(list(layers), self.rank, self.world) if self.mode == "layers" else list(layers)
 
-    def wrap_sae(self, sae):
-        if self.mode == "latent":
-            return LatentShardedSAE(sae)
-        if self.mode == "data":
-            return DataParallelSAE(sae, takes_global_batch=True)
-        return sae
+    def make_sae(self, cfg, device, seed):
+        if self.mode == "latent":  # only this rank's rows are ever made
+            return LatentShardedSAE(cfg=cfg, seed=seed, device=device)
+        sae = SparseAutoencoder(cfg=cfg, device=device, seed=seed)
+        return DataParallelSAE(sae, takes_global_batch=True) if self.mode == "data" else sae
 
     def optimizer(self, opt, sae):
         if self.mode == "data":

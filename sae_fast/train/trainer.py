@@ -102,7 +102,7 @@ class Trainer:
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
                             l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
                             dead_tokens=c.dead_tokens)
-        return SparseAutoencoder(cfg=sae_cfg, device=self.device, seed=c.seed)
+        return self.dist.make_sae(sae_cfg, self.device, c.seed)  # a shard / data-parallel wrapper when distributed
 
     def total_steps(self, n_rows: int) -> int:
         c = self.cfg
@@ -128,7 +128,7 @@ class Trainer:
         layers = self.dist.own_layers(layers)
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
-        saes = {n: self.dist.wrap_sae(self._make_sae(train.widths[n])) for n in layers}
+        saes = {n: self._make_sae(train.widths[n]) for n in layers}
         opts = {n: self.dist.optimizer(make_adam(saes[n].parameters(), c.lr), saes[n]) for n in layers}
 
         ckpt_root = self.out / "checkpoints"
