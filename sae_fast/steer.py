@@ -44,11 +44,17 @@ class Steering:
 
     ``clamp``: {latent: value} sets the latent's activation to value (SAE units); ``add``: {latent: amount}
     adds amount to it; ``ablate``: latents set to 0. ``positions`` (a slice or index over the sequence
-    axis, the second-to-last one) limits the edit to some tokens; default all."""
+    axis, the second-to-last one) limits the edit to some tokens; default all. ``positions="prompt"`` or
+    ``"generated"`` with ``prompt_len`` counts absolute positions over the forward passes made inside the
+    ``with`` block (``generate`` with a KV cache feeds the prompt, then one token per pass): the edit
+    reaches only the first ``prompt_len`` positions, or only those after them."""
 
     def __init__(self, model: nn.Module, layer: str, sae, clamp: Mapping[int, float] | None = None,
                  add: Mapping[int, float] | None = None, ablate: Iterable[int] = (), scale: float = 1.0,
-                 positions=None):
+                 positions=None, prompt_len: int | None = None):
+        if isinstance(positions, str) and (positions not in ("prompt", "generated", "all") or prompt_len is None):
+            raise ValueError(f"positions={positions!r}: 'prompt' and 'generated' need prompt_len=; 'all', a slice "
+                             "or an index otherwise")
         names = resolve_layers(model, layer)
         if len(names) != 1:
             raise ValueError(f"steer one layer at a time; {layer!r} matches {names}")
@@ -67,7 +73,9 @@ class Steering:
         self.clamp = {**clamp, **{i: 0.0 for i in ablate}}
         self.add = add
         self.scale = float(scale)
-        self.positions = positions
+        self.positions = None if positions == "all" else positions
+        self.prompt_len = prompt_len
+        self._offset = 0  # absolute position of the next token, for "prompt" / "generated"
         self._handle = None
 
     def edit(self, x: Tensor) -> Tensor:
@@ -92,7 +100,13 @@ class Steering:
         if self.add:
             delta[:, len(self.clamp):] = torch.tensor(list(self.add.values()), dtype=W.dtype, device=x.device)
         change = (delta @ W[torch.tensor(latents, device=W.device)] / self.scale).reshape(x.shape)
-        if self.positions is not None:
+        if isinstance(self.positions, str):
+            T = x.shape[-2] if x.dim() > 1 else 1
+            at = torch.arange(self._offset, self._offset + T, device=x.device)
+            self._offset += T
+            mask = (at < self.prompt_len) if self.positions == "prompt" else (at >= self.prompt_len)
+            change = change * mask.reshape(*([1] * (x.dim() - 2)), T, 1).to(change.dtype)
+        elif self.positions is not None:
             mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
             mask[..., self.positions] = True
             change = change * mask.unsqueeze(-1)
@@ -102,6 +116,7 @@ class Steering:
         return _replace_first(output, self.edit(first_tensor(output, self.layer)))
 
     def __enter__(self) -> Steering:
+        self._offset = 0
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
@@ -114,6 +129,6 @@ class Steering:
 
 def steer(model: nn.Module, layer: str, sae, clamp: Mapping[int, float] | None = None,
           add: Mapping[int, float] | None = None, ablate: Iterable[int] = (), scale: float = 1.0,
-          positions=None) -> Steering:
+          positions=None, prompt_len: int | None = None) -> Steering:
     """``with steer(model, layer, sae, clamp={i: v}):`` every forward pass of ``layer`` is steered."""
-    return Steering(model, layer, sae, clamp, add, ablate, scale, positions)
+    return Steering(model, layer, sae, clamp, add, ablate, scale, positions, prompt_len)

@@ -30,7 +30,8 @@ def tokenizer():
 
 
 def tiny_model_dir(kind: str = "gpt2", layers: int = 3, width: int = 32) -> Path:
-    """Folder with config.json, model.safetensors and the tokenizer of a tiny ``gpt2`` or ``llama``."""
+    """Folder with config.json, model.safetensors and the tokenizer of a tiny ``gpt2`` or ``llama`` (base
+    models), or ``llama-lm`` (a LlamaForCausalLM, with its LM head)."""
     key = f"{kind}-{layers}-{width}"
     if key in _MADE:
         return _MADE[key]
@@ -42,12 +43,12 @@ def tiny_model_dir(kind: str = "gpt2", layers: int = 3, width: int = 32) -> Path
         cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=width, n_layer=layers, n_head=2,
                                       n_positions=256, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
         model = transformers.GPT2Model(cfg)
-    elif kind == "llama":
+    elif kind in ("llama", "llama-lm"):
         cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=2 * width,
                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                                        max_position_embeddings=256, bos_token_id=tok.cls_token_id,
                                        eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-        model = transformers.LlamaModel(cfg)
+        model = transformers.LlamaModel(cfg) if kind == "llama" else transformers.LlamaForCausalLM(cfg)
     else:
         raise ValueError(kind)
     path = _root() / key

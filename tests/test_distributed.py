@@ -140,7 +140,8 @@ def _trainer_worker(rank, init_file, tmp_path, port):
             shutil.copytree(tmp_path / "latent" / "sae", tmp_path / resumed / "sae")
     Trainer(_tiny_cfg(tmp_path, distributed="data", out=str(tmp_path / "data"), activation="relu",
                       l1_coeff=0.05)).run()
-    Trainer(_tiny_cfg(tmp_path, distributed="layers", layer="h.0,h.1", out=str(tmp_path / "layers"))).run()
+    Trainer(_tiny_cfg(tmp_path, distributed="layers", layer="h.0,h.1", out=str(tmp_path / "layers"),
+                      cache_dir=str(tmp_path / "cache2"))).run()
     dist.destroy_process_group()
 
 
@@ -176,7 +177,7 @@ def test_trainer_modes_equal_one_process_and_checkpoints_move_between_world_size
     shutil.rmtree(tmp_path / "latent" / "checkpoints" / "step_00000006")
     Trainer(_tiny_cfg(tmp_path, distributed="none", out=str(tmp_path / "latent"), resume=True)).run()
     Trainer(_tiny_cfg(tmp_path, out=str(tmp_path / "one_relu"), activation="relu", l1_coeff=0.05)).run()
-    Trainer(_tiny_cfg(tmp_path, layer="h.0,h.1", out=str(tmp_path / "one_layers"))).run()
+    Trainer(_tiny_cfg(tmp_path, layer="h.0,h.1", out=str(tmp_path / "one_layers"), cache_dir=str(tmp_path / "cache2"))).run()
     one = _weights(tmp_path / "one")
     for run in ("straight", "resume2", "latent"):  # latent: resumed on one process
         got = _weights(tmp_path / run)

@@ -26,3 +26,12 @@ def test_inspect_and_steer_reads_features_and_moves_the_embedding(tmp_path, caps
     assert "training a small one" in out and "neighbours:" in out and "features on" in out
     assert result["max_activation"] > 0
     assert result["after"] != result["before"]  # the clamp reached the model's output
+
+
+def test_steer_smollm2_finds_a_readable_feature_and_measures_the_clamp(tmp_path, capsys, smollm2):
+    result = _load("steer_smollm2").main(["--sae", str(tmp_path / "none"), "--tokens", "2000", "--train-tokens",
+                                          "2500", "--train-steps", "20", "--max-new-tokens", "4"], loaded=smollm2)
+    out = capsys.readouterr().out
+    assert "a readable feature" in out and "neighbour" in out and "re-measured" not in out
+    assert result["max_activation"] > 0 and result["word"].isalpha()
+    assert result["steered"] != result["baseline"]  # the 5x clamp changed the continuation

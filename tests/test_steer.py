@@ -101,7 +101,8 @@ def test_steer_cli_generates_plain_and_steered(tmp_path, capsys):
     fired = int(_codes(sae, x).amax(0).argmax())
     assert main(base + ["--latent", str(fired), "--corpus", corpus, "--tokens", "800"]) == 0
     out = capsys.readouterr().out
-    assert f"latent {fired}: max activation" in out and "clamping to 5x" in out
-    assert "plain:" in out and "steered:" in out
+    assert f"latent {fired}: max activation" in out and f"steered (5x: {fired}=" in out
+    assert "baseline:" in out and "re-measured on this text (steering off)" in out
+    assert (tmp_path / "sae" / "max_activation.safetensors").is_file()  # cached beside the SAE
     assert main(base + ["--latent", "48", "--value", "1"]) == 2
-    assert "--latent must be in [0, 48)" in capsys.readouterr().err
+    assert "latent 48 is out of range" in capsys.readouterr().err

@@ -86,21 +86,36 @@ def read_corpus(path) -> Iterator[str]:
         yield from _read_file(f)
 
 
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the special token ids the tokenizer puts around a text ([CLS]/[SEP], <s>, none)."""
+def special_tokens(tokenizer, prepend_bos: bool = True) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special token ids the tokenizer puts around a text ([CLS]/[SEP], <s>, none).
+    With ``prepend_bos``, a tokenizer that adds nothing in front but has a BOS token (SmolLM2, GPT-2) gets
+    it: a causal LM otherwise turns the window's first real token into its attention sink."""
     probe = "hello"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    prefix, suffix = [], []
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
-    return [], []
+            prefix, suffix = full[:start], full[start + len(plain):]
+            break
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if prepend_bos and not prefix and isinstance(bos, int):
+        prefix = [bos]
+    return prefix, suffix
 
 
-def token_windows(tokenizer, texts: Iterable[str], ctx_len: int, docs_per_call: int = 64) -> Iterator[tuple[list[int], int, int]]:
+def encode_prompt(tokenizer, text: str, prepend_bos: bool = True) -> dict:
+    """``{"input_ids", "attention_mask"}`` (1, T) for one text, wrapped like a training window (BOS included)."""
+    prefix, suffix = special_tokens(tokenizer, prepend_bos)
+    ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def token_windows(tokenizer, texts: Iterable[str], ctx_len: int, docs_per_call: int = 64,
+                  prepend_bos: bool = True) -> Iterator[tuple[list[int], int, int]]:
     """Cut each document into windows of at most ``ctx_len`` tokens, each wrapped in the tokenizer's own
-    special tokens like a normal input. Yields (ids, n_prefix, n_suffix)."""
-    prefix, suffix = special_tokens(tokenizer)
+    special tokens like a normal input (and a BOS, see ``special_tokens``). Yields (ids, n_prefix, n_suffix)."""
+    prefix, suffix = special_tokens(tokenizer, prepend_bos)
     body = ctx_len - len(prefix) - len(suffix)
     if body < 1:
         raise ValueError(f"ctx_len={ctx_len} leaves no room next to the tokenizer's {len(prefix) + len(suffix)} "
@@ -126,14 +141,15 @@ def token_windows(tokenizer, texts: Iterable[str], ctx_len: int, docs_per_call: 
 
 
 def window_batches(tokenizer, texts: Iterable[str], ctx_len: int, batch_size: int, seed: int = 0,
-                   exclude_special: bool = True, block: int = 4096) -> Iterator[tuple[dict, torch.Tensor]]:
+                   exclude_special: bool = True, block: int = 4096,
+                   prepend_bos: bool = True) -> Iterator[tuple[dict, torch.Tensor]]:
     """Model inputs ``{"input_ids", "attention_mask"}`` (B, T) and a ``keep`` mask (B, T): the token
     positions whose activations are used (not padding; not special tokens when ``exclude_special``).
 
     Windows are gathered in blocks of ``block``; in each block full-length windows come first in a seeded
     shuffled order, then the shorter ones sorted by length, so batches carry almost no padding."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = token_windows(tokenizer, texts, ctx_len)
+    windows = token_windows(tokenizer, texts, ctx_len, prepend_bos=prepend_bos)
     rng = random.Random(seed)
     done = False
     while not done:

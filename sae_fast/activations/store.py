@@ -97,6 +97,7 @@ class ActivationStore:
         self.shard_tokens = shard_tokens
         self.dtype = dtype
         self.fingerprint = fingerprint or {}
+        self.stats: dict = {}  # what the collection left out (collect_text); kept in meta.json
         self.widths: dict[str, int] = LayerDict()
         self.sizes: list[int] = []
         self.sum_sq = {name: 0.0 for name in self.layers}
@@ -149,7 +150,7 @@ class ActivationStore:
         self.finished = True
         if self.folder is not None:
             meta = {"format": FORMAT, "layers": self.layers, "widths": self.widths, "dtype": self.dtype,
-                    "shards": self.sizes, "sum_sq": self.sum_sq, "fingerprint": self.fingerprint}
+                    "shards": self.sizes, "sum_sq": self.sum_sq, "fingerprint": self.fingerprint, "stats": self.stats}
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump(meta, f, indent=1)
@@ -170,6 +171,7 @@ class ActivationStore:
         store.layers, store.widths, store.dtype = meta["layers"], LayerDict(meta["widths"]), meta["dtype"]
         store.folder, store.sizes, store.sum_sq = folder, meta["shards"], meta["sum_sq"]
         store.fingerprint, store.shard_tokens = meta.get("fingerprint", {}), max(meta["shards"], default=1)
+        store.stats = meta.get("stats", {})
         store._memory, store._pending, store._pending_rows, store.finished = [], [], 0, True
         if not all((folder / f"shard_{i:05d}.safetensors").is_file() for i in range(len(store.sizes))):
             return None

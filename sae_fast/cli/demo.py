@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -13,8 +14,21 @@ def _demo(args) -> int:
 
     import sae_fast
     from sae_fast import SparseAutoencoder
+    from sae_fast.cli.common import check_finite, check_positive
     from sae_fast.synthetic import SparseDictionaryData, best_cosines
 
+    try:  # every argument before any work
+        check_positive(args, "d", "features", "active", "n_latents", "k", "steps", "batch")
+        check_finite(args, "lr")
+        if args.k > args.n_latents:
+            raise ValueError(f"--k {args.k} is more than --n-latents {args.n_latents}")
+        if args.active > args.features:
+            raise ValueError(f"--active {args.active} is more than --features {args.features}")
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0; got {args.lr}")
+    except ValueError as e:
+        print(f"sae-fast demo: error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     data = SparseDictionaryData(args.d, args.features, active=args.active, seed=args.seed)
     sae = SparseAutoencoder(args.d, args.n_latents, "topk", k=args.k, seed=args.seed,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -10,13 +11,19 @@ def _train(args) -> int:
 
     from sae_fast.train import Trainer
     from sae_fast.train.config import TrainConfig, config_from_args
+    from sae_fast.train.runfolder import RunFolderBusy
+    from sae_fast.train.trainer import TrainingDiverged
 
     try:
         cfg = config_from_args(TrainConfig, args)
         summary = Trainer(cfg).run()
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # a bad argument or input file
         print(f"sae-fast train: error: {e}", file=sys.stderr)
         return 2
+    except (RunFolderBusy, TrainingDiverged, OSError) as e:  # the run could not go on (busy, diverged, disk full)
+        text = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e  # no "[Errno 28]"
+        print(f"sae-fast train: error: {text}", file=sys.stderr)
+        return 1
     except RuntimeError as e:  # a peer died or stalled past --dist-timeout: say so instead of a bare trace
         if not (isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "Connection"))):
             raise
@@ -25,14 +32,21 @@ def _train(args) -> int:
         return 3
     if dist.is_initialized() and dist.get_rank():
         return 0  # rank 0 prints the summary
-    out = cfg.out
+    out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
     for layer, m in summary["layers"].items():
         held = f"on {m['eval_tokens']:,} held-out tokens: " if "fvu" in m else ""
         fvu = f"FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, " if "fvu" in m else ""
         print(f"{layer} ({m['n_latents']} latents, d={m['d_in']}): final {held}{fvu}dead {m['dead_pct']:.1f}%")
-    print(f"SAE: {out}/sae/<layer> (SparseAutoencoder.load), checkpoints: {out}/checkpoints, "
-          f"metrics: {out}/metrics.jsonl" + (f", plot: {summary['plot']}" if "plot" in summary else ""))
+        if "spliced" in m:  # a causal LM: the SAE spliced into it (sae_fast.evaluate)
+            from sae_fast.evaluate import describe
+            print(describe(m["spliced"]) + f"\n(numbers: {out}/sae/{layer}/eval.json)")
+    for layer in summary["layers"]:
+        print(f"SAE: {out / 'sae' / layer} (SparseAutoencoder.load)")
+    if cfg.export != "none":
+        print(f"export ({cfg.export}): {out / 'export' / cfg.export}")
+    print(f"checkpoints: {out / 'checkpoints'}, metrics: {out / 'metrics.jsonl'}"
+          + (f", plot: {summary['plot']}" if "plot" in summary else ""))
     return 0
 
 

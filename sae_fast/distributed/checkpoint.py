@@ -2,26 +2,21 @@
 
 Saving gathers on rank 0 (latent shards concatenated in rank order, layer-distributed SAEs collected
 from their ranks), rank 0 writes the usual atomic checkpoint folder (train/checkpoint.py) and every rank
-waits at a barrier, so all ranks leave the step together. Loading reads that folder on every rank and
-keeps the rank's part: its latent rows (of the weights, the dead-latent counters and the Adam moments)
-or its layers. So a checkpoint moves between world sizes and modes, including to and from one process.
-The gather holds the whole SAE and its Adam moments on rank 0 (open: per-rank shard files for
-dictionaries too big for one host).
+waits at a barrier, so all ranks leave the step together. Loading reads and checks that folder on every
+rank (``train.checkpoint.newest_intact``) and keeps the rank's part: its latent rows (of the weights,
+the dead-latent counters and the Adam moments) or its layers. So a checkpoint moves between world sizes
+and modes, including to and from one process. The gather holds the whole SAE and its Adam moments on
+rank 0 (open: per-rank shard files for dictionaries too big for one host).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from ..folders import load_sae
 from ..sae import SparseAutoencoder
-from ..train.checkpoint import FORMAT, save_checkpoint
+from ..train.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from .data_parallel import DataParallelSAE
-from .latent_sharded import LATENT_BUFFERS, LATENT_PARAMS, LatentShardedSAE, shard_range
+from .latent_sharded import LATENT_BUFFERS, LATENT_PARAMS, LatentShardedSAE
 
 
 class _OptimizerState:
@@ -121,33 +116,21 @@ def _rows(name: str, t: torch.Tensor, sae) -> torch.Tensor:
     return t[sae.start:sae.stop]
 
 
-def load_distributed_checkpoint(path, saes: dict, opts: dict) -> dict:
-    """Restore this rank's part of an ordinary checkpoint (any world size wrote it); return state.json."""
-    path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sae-fast training checkpoint")
-    missing = sorted(set(saes) - set(meta["layers"]))
+def restore_distributed(ckpt: Checkpoint, saes: dict, opts: dict) -> dict:
+    """Put this rank's part of a checked checkpoint (``train.checkpoint.newest_intact``; any world size
+    wrote it) into the run: its latent rows or its layers. Returns the checkpoint's meta."""
+    missing = sorted(set(saes) - set(ckpt.saes))
     if missing:
-        raise ValueError(f"checkpoint {path} has layers {meta['layers']}, this run hooks {missing} too")
-    tensors = load_file(str(path / "trainer.safetensors"))
+        raise CheckpointError(f"checkpoint {ckpt.path} has layers {sorted(ckpt.saes)}, this run hooks {missing} too")
     for layer, sae in saes.items():
-        target = local_module(sae)
-        saved = load_sae(path / layer)
+        target, saved = local_module(sae), ckpt.saes[layer]
         if saved.cfg != sae.cfg:
-            raise ValueError(f"checkpoint {path} holds a different SAE for {layer!r}: {saved.cfg} vs {sae.cfg}")
-        if isinstance(sae, LatentShardedSAE):
-            shard_range(saved.n_latents, sae.rank, sae.world)
+            raise CheckpointError(f"checkpoint {ckpt.path} holds a different SAE for {layer!r}: {saved.cfg} vs {sae.cfg}")
         target.load_state_dict({k: _rows(k, v, sae) for k, v in saved.state_dict().items()})
         names = [n for n, _ in target.named_parameters()]
-        state: dict[int, dict] = {}
-        for key, t in tensors.items():
-            owner, _, rest = key.partition("/")
-            if owner == layer:
-                i, name = rest.split("/")
-                state.setdefault(int(i), {})[name] = _rows(names[int(i)], t, sae)
+        state = {i: {key: _rows(names[i], t, sae) for key, t in entry.items()} for i, entry in ckpt.adam[layer].items()}
         sd = opts[layer].state_dict()
-        sd["state"] = state
+        sd["state"] = state  # load_state_dict moves each tensor to its parameter's device and dtype
         opts[layer].load_state_dict(sd)
-    torch.set_rng_state(tensors["torch_rng_state"])
-    return meta
+    torch.set_rng_state(ckpt.rng)
+    return ckpt.meta

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..sae import SparseAutoencoder
-from ..train.checkpoint import load_checkpoint, save_checkpoint
-from .checkpoint import gather_full, load_distributed_checkpoint, save_distributed_checkpoint
+from ..train.checkpoint import restore, save_checkpoint
+from .checkpoint import gather_full, restore_distributed, save_distributed_checkpoint
 from .collectives import check_same_config
 from .data_parallel import DataParallelSAE, attach_grad_sync
 from .latent_sharded import LatentShardedSAE, shard_range
@@ -49,8 +49,8 @@ class SingleProcess:
     def save_checkpoint(self, *args):
         return save_checkpoint(*args)
 
-    def load_checkpoint(self, path, saes, opts):
-        return load_checkpoint(path, saes, opts)
+    def restore(self, ckpt, saes, opts):
+        return restore(ckpt, saes, opts)
 
     def metrics_path(self, path: Path) -> Path:
         return path
@@ -121,8 +121,8 @@ class Distributed(SingleProcess):
     def save_checkpoint(self, root, step, state, saes, opts, scales, keep):
         return save_distributed_checkpoint(root, step, state, saes, opts, scales, keep, self.mode)
 
-    def load_checkpoint(self, path, saes, opts):
-        return load_distributed_checkpoint(path, saes, opts)
+    def restore(self, ckpt, saes, opts):
+        return restore_distributed(ckpt, saes, opts)
 
     def metrics_path(self, path: Path) -> Path:
         if self.rank == 0:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CURVES = (("loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0 (active latents / token)", False),
-          ("dead_pct", "dead latents (%)", False))
+CURVES = (("loss", "loss", True), ("fvu", "FVU (dots: held-out)", True), ("l0", "L0 (active latents / token)", False),
+          ("dead_pct", "dead latents (%)", False), ("lr", "learning rate", False))
 
 
 class MetricsLog:
@@ -37,20 +37,25 @@ class MetricsLog:
         return rows
 
 
-def plot_curves(metrics_path, png_path, title: str = "") -> Path:
-    """Loss, FVU, L0 and dead % against training tokens, one line per layer."""
+def plot_curves(metrics_path, png_path, title: str = "", held_out: dict | None = None, show_loss: bool = True) -> Path:
+    """FVU (with the held-out FVU of ``held_out`` {layer: fvu} as a dot at the end), L0, dead % and the
+    learning rate against training tokens, one line per layer; the loss too with ``show_loss`` (for TopK it
+    is the FVU curve again plus a small AuxK term, so the trainer turns it off there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = MetricsLog.read(metrics_path)
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-    for ax, (key, label, log) in zip(axes, CURVES):
+    curves = [c for c in CURVES if c[0] != "loss" or show_loss]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4))
+    for ax, (key, label, log) in zip(axes, curves):
         for layer in layers:
             pts = [(r["tokens"], r[key]) for r in rows if r["layer"] == layer and r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=layer, lw=1.2)
+                line, = ax.plot(*zip(*pts), label=layer, lw=1.2)
+                if key == "fvu" and held_out and held_out.get(layer) is not None:
+                    ax.plot([pts[-1][0]], [held_out[layer]], "o", color=line.get_color())
         ax.set_title(label)
         ax.set_xlabel("training tokens")
         if log:
