@@ -28,11 +28,12 @@ from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
 from ..checks import deferred_finite_checks, raise_if_nonfinite
+from ..distributed.runtime import plan_for
 from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
 from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
-from .checkpoint import list_checkpoints, newest_intact, read_manifest, restore, save_checkpoint
+from .checkpoint import list_checkpoints, newest_intact, read_manifest
 from .config import TrainConfig
 from .lm_eval import splice_eval
 from .metrics import MetricsLog, plot_curves
@@ -56,6 +57,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.log = print
         check_backend(cfg.backend, self.device)
+        self.dist = plan_for(self)  # sae_fast.distributed's hooks; single-process ones unless --distributed
         check_folder("--out", self.out)
         if cfg.cache_dir:
             check_folder("--cache-dir", cfg.cache_dir)
@@ -131,7 +133,7 @@ class Trainer:
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
                             l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
                             dead_tokens=c.dead_tokens)
-        return SparseAutoencoder(cfg=sae_cfg, device=self.device, seed=c.seed)
+        return self.dist.make_sae(sae_cfg, self.device, c.seed)  # a shard / data-parallel wrapper when distributed
 
     def total_steps(self, n_rows: int) -> int:
         c = self.cfg
@@ -140,8 +142,11 @@ class Trainer:
     def _optimizers(self, saes: dict, autocast) -> tuple[dict, bool]:
         """One Adam per layer: FusedAdam where its fused step applies (said in the log), else make_adam's."""
         c = self.cfg
+        mode = getattr(self.dist, "mode", "none")
         reason = "--no-fused-step" if not c.fused_step else (
-            f"grad_accum={c.grad_accum}" if c.grad_accum > 1 else None)
+            f"grad_accum={c.grad_accum}" if c.grad_accum > 1 else
+            # their gradients are summed across ranks (data) or their SAE is a shard wrapper (latent)
+            f"--distributed {mode}" if mode in ("data", "latent") else None)
         if reason is None:
             fused = {n: FusedAdam(sae, lr=c.lr) for n, sae in saes.items()}
             with autocast:
@@ -167,7 +172,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {c.out!r} cannot be created: {e.strerror}") from None
-        with RunLock(self.out, self.log):
+        with RunLock(self.out, self.log) if self.dist.writes_files else contextlib.nullcontext():  # rank 0 holds it
             return self._run_locked()
 
     def _resume_point(self, ckpt_root: Path):
@@ -198,22 +203,24 @@ class Trainer:
         ckpt = self._resume_point(ckpt_root) if c.resume else None
         if ckpt is not None and ckpt.meta["step"] == ckpt.meta.get("total_steps") and (self.out / "summary.json").is_file():
             return self._finished(ckpt)
-        train, evals = self.load_data()
+        train, evals = self.dist.load_data(self.load_data)
         self._check_held_out(evals)
         self.check_widths(train.widths)
         layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
+        layers = self.dist.own_layers(layers)
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
         saes = {n: self._make_sae(train.widths[n]) for n in layers}
         bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         opts, fused = self._optimizers(saes, autocast)
+        opts = {n: self.dist.optimizer(opt, saes[n]) for n, opt in opts.items()}  # data parallel: gradient sums
 
         step, pos = 0, 0
         sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
         since = 0
         if ckpt is not None:
-            meta = restore(ckpt, saes, opts)
+            meta = self.dist.restore(ckpt, saes, opts)
             step, pos = meta["step"], meta["data_position"]
             sums, since = meta["log_sums"], meta["log_since"]
             if step > total:
@@ -230,8 +237,9 @@ class Trainer:
             with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
                 for n in layers:
                     saes[n].b_dec.copy_(first[n].mean(0))
-        atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
+        if self.dist.writes_files:
+            atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        metrics = MetricsLog(self.dist.metrics_path(self.out / "metrics.jsonl"), resume_step=step if step else None)
 
         stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
                                device=self.device)
@@ -291,9 +299,9 @@ class Trainer:
                 log_sums = {n: {k: float(v) for k, v in row.items()} for n, row in sums.items()}
                 state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": log_sums,
                          "log_since": since, "total_steps": total, "config": c.to_dict()}
-                save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
+                self.dist.save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
-        return self._finish(saes, evals, scales, step, total)
+        return self.dist.finish(self._finish, saes, evals, scales, step, total)
 
     def _check_finite(self, step: int, saes: dict, rows: list, ckpt_root: Path) -> None:
         """Stop at the first non-finite loss or weight (checked at logging and checkpoint steps only: one
