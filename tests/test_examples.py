@@ -35,3 +35,16 @@ def test_steer_smollm2_finds_a_readable_feature_and_measures_the_clamp(tmp_path,
     assert "a readable feature" in out and "neighbour" in out and "re-measured" not in out
     assert result["max_activation"] > 0 and result["word"].isalpha()
     assert result["steered"] != result["baseline"]  # the 5x clamp changed the continuation
+
+
+def test_vision_features_trains_on_patches_and_finds_top_patches(tmp_path, capsys):
+    png = tmp_path / "grid.png"
+    result = _load("vision_features").main(["--images", "4", "--steps", "60", "--n-latents", "128", "--show", "2",
+                                            "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "randomly initialised" in out and "patch row" in out
+    assert result["fvu"] < 0.5, result  # from ~0.8 at the first step
+    assert len(result["latents"]) == 2 and png.stat().st_size > 10_000
+    for hits in result["top"]:
+        assert all(0 <= r < 6 and 0 <= c < 6 and 0 <= i < len(result["labels"]) and v > 0 for i, r, c, v in hits)
+        assert [v for *_, v in hits] == sorted((v for *_, v in hits), reverse=True)

@@ -10,15 +10,17 @@
     ranked = features.contrast(model, tok, layer, sae, positives, negatives, scale=act_scale)
     shared = features.cross_lingual(model, tok, layer, sae, scale=act_scale)
     features.dashboard(stats, sae, "out/")       # a static site: index + one page per feature
+    found = features.top_patches(sae, patch_batches, grid=(6, 6))   # images: each latent's top patches
 
 ``scale`` is the activation scale the SAE was trained with (``sae-fast train`` writes it to
 normalization.json beside the SAE); activations are multiplied by it before encoding.
 Modules: scan (the streaming pass), stats, text (detokenising), neighbours, logits, prompt, contrast,
-crosslingual, dashboard (and its page templates in pages).
+crosslingual, dashboard (and its page templates in pages), images.
 """
 from .contrast import Contrast, contrast
 from .crosslingual import CrossLingual, cross_lingual, parallel_sentences
 from .dashboard import dashboard
+from .images import TopPatches, top_patches
 from .logits import LogitEffects, logit_effects, unembedding
 from .neighbours import all_neighbours, decoder_neighbours
 from .prompt import on_prompt
@@ -29,4 +31,4 @@ from .text import token_pieces, visible
 __all__ = ["Contrast", "contrast", "CrossLingual", "cross_lingual", "parallel_sentences", "dashboard",
            "LogitEffects", "logit_effects", "unembedding", "all_neighbours", "decoder_neighbours", "on_prompt",
            "DEFAULT_TOKENS", "scan", "HIST_EDGES", "FeatureStats", "TopExamples", "top_examples", "token_pieces",
-           "visible"]
+           "visible", "TopPatches", "top_patches"]
