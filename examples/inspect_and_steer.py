@@ -62,8 +62,7 @@ def main(argv=None) -> dict:
         sae, scale = train_small(model, tok, args.train_steps)
 
     top = features.top_examples(model, tok, LAYER, sae, default_corpus(), top=5, scale=scale, max_tokens=args.tokens)
-    seen = top.max_activation
-    picks = torch.topk(seen, 3).indices.tolist()
+    picks = top.choose(3)  # by density, leaving out latents whose top contexts repeat one context
     for latent in picks:
         print("\n" + top.show(latent, context=6))
         sims, ids = features.decoder_neighbours(sae, latent, k=3)
@@ -81,11 +80,11 @@ def main(argv=None) -> dict:
     target = sentence_embedding(model, tok, contexts).mean(0)
     plain_text = "The weather was pleasant, so we walked along the river."
     before = float(sentence_embedding(model, tok, [plain_text])[0] @ target)
-    with steer(model, LAYER, sae, clamp={latent: 5 * float(seen[latent])}, scale=scale):
+    with steer(model, LAYER, sae, clamp={latent: 5 * float(top.max_activation[latent])}, scale=scale):
         after = float(sentence_embedding(model, tok, [plain_text])[0] @ target)
     print(f"\nclamping latent {latent} to 5x its max: similarity of {plain_text!r} to its top contexts "
           f"{before:.3f} -> {after:.3f}")
-    return {"latent": latent, "before": before, "after": after, "max_activation": float(seen[latent])}
+    return {"latent": latent, "before": before, "after": after, "max_activation": float(top.max_activation[latent])}
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def _check(idx: torch.Tensor, W: torch.Tensor):
 
 def sparse_decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
                   config: DecoderConfig | None = None) -> torch.Tensor:
-    """(B, d) in W's dtype. idx must lie in [0, n) (ops.py checks it)."""
+    """(B, d) in W's dtype. idx must lie in [0, n) (the triton backend checks it before this launch)."""
     _check(idx, W)
     B, K = idx.shape
     d = W.shape[1]

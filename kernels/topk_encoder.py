@@ -39,8 +39,11 @@ _INT_MAX = tl.constexpr(2147483647)
 # ============================================================================ jit helpers
 @triton.jit
 def _key(score, latent):
-    """Sortable int64 key: larger score first, then lower latent first."""
+    """Sortable int64 key: larger score first, then lower latent first. NaN (whatever its sign bit: x86
+    makes negative ones) becomes the positive quiet NaN, whose key is above +inf's: NaN ranks first, as
+    in reference.py (torch.topk), and decodes back to NaN."""
     bits = (score + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+    bits = tl.where(score != score, 0x7FC00000, bits)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (bits.to(tl.int64) << 32) | (latent.to(tl.int64) ^ 0xFFFFFFFF)
 
@@ -64,7 +67,10 @@ def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr, PACKED:
     thr = tl.min(run, 1)
     thr_s = _key_score(thr)
     thr_l = _key_latent(thr)
-    beats = (s > thr_s[:, None]) | ((s == thr_s[:, None]) & (cols[None, :] < thr_l[:, None]))
+    # NaN compares false with everything, so it is tested apart: it beats any number, and ties with NaN.
+    s_nan, thr_nan = s != s, (thr_s != thr_s)[:, None]
+    ties = (s == thr_s[:, None]) | (s_nan & thr_nan)
+    beats = (s > thr_s[:, None]) | (s_nan & ~thr_nan) | (ties & (cols[None, :] < thr_l[:, None]))
     cand = ok & beats
     most = tl.max(tl.sum(cand.to(tl.int32), 1), 0)
     if SMALL < KP:
@@ -88,11 +94,16 @@ def _merge_tile(run, s, cols, ok, KP: tl.constexpr, SMALL: tl.constexpr, PACKED:
             keys = tl.where(keys == best[:, None], _PAD_KEY, keys)
     else:  # the tile's keys are not kept live: fewer registers (AuxK's second list beside the first)
         for _ in range(tl.minimum(most, KP)):
-            top_s = tl.max(tl.where(cand, s, _NEG_INF), 1)
-            top_l = tl.min(tl.where(cand & (s == top_s[:, None]), cols[None, :], _INT_MAX), 1)
+            # A float max does not rank NaN: a row's NaN candidates (lowest latent first) go before its numbers.
+            nan_c = cand & s_nan
+            has_nan = tl.max(nan_c.to(tl.int32), 1) > 0
+            top_s = tl.max(tl.where(cand & ~s_nan, s, _NEG_INF), 1)
+            pick = tl.where(has_nan[:, None], nan_c, cand & (s == top_s[:, None]))
+            top_l = tl.min(tl.where(pick, cols[None, :], _INT_MAX), 1)
+            top_s = tl.where(has_nan, float("nan"), top_s)
             new = _key(top_s, top_l)
             low = tl.min(run, 1)
-            put = (top_s > _NEG_INF) & (new > low)
+            put = (has_nan | (top_s > _NEG_INF)) & (new > low)
             run = tl.where(put[:, None] & (run == low[:, None]), new[:, None], run)
             cand = cand & (cols[None, :] != top_l[:, None])
     return run

@@ -1,6 +1,8 @@
 """Input checks of the public ops: one-line errors naming the bad argument, before any kernel runs."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -52,6 +54,9 @@ def check_x(x) -> None:
         raise TypeError(f"x must be a floating-point tensor of activations; got {_fmt(x)}")
     if x.dim() != 2:
         raise ValueError(f"x must be a 2-D (batch, d_in) tensor; got {_fmt(x)}")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, which holds shapes but no values; the ops need real tensors "
+                         "(cpu or cuda)")
     if x.shape[0] == 0:
         raise ValueError("x must have at least one row; got an empty batch")
     # Data-dependent checks would break a torch.compile graph; compiled code skips them.
@@ -65,13 +70,28 @@ def check_encoder(x, W_enc, b_enc, b_dec) -> None:
     d = x.shape[1]
     check_float("W_enc", W_enc, (None, d), x.dtype, x.device)
     n = W_enc.shape[0]
+    if n == 0:
+        raise ValueError(f"W_enc must have at least one latent (row); got {_fmt(W_enc)}")
     check_float("b_enc", b_enc, (n,), x.dtype, x.device)
     check_float("b_dec", b_dec, (d,), x.dtype, x.device)
 
 
+def check_count(name: str, k) -> int:
+    """An integer argument (numpy integers too: they are integers; bool and 2.5 are not), as an int."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(k).__name__} {k!r}")
+    return int(k)
+
+
+def check_number(name: str, v) -> float:
+    """A finite real number (a threshold, a coefficient), as a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise TypeError(f"{name} must be a finite number; got {type(v).__name__} {v!r}")
+    return float(v)
+
+
 def check_k(name: str, k, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int; got {type(k).__name__}")
+    k = check_count(name, k)
     if not 1 <= k <= n:
         raise ValueError(f"{name} must be between 1 and n_latents={n}; got {k}")
 

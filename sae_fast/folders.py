@@ -8,6 +8,7 @@ themselves: sae-fast's own in ``sae_fast.sae``, SAELens and sparsify in ``sae_fa
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -31,14 +32,84 @@ def write_weights_and_config(folder: Path, tensors: dict, weights_file: str, cfg
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=indent) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def fsync_tree(root: Path, mode: int | None = None) -> None:
+    """Flush every file under ``root`` and every folder's entries to the disk, so a rename that follows
+    can never publish a folder whose files are still empty after a power loss. With ``mode``, files get
+    that mode (safetensors creates its files 0600 whatever the umask)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def fsync_dir(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory; the files themselves are synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError with ENOSPC, or safetensors' own error wrapping one (it does not keep the errno)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) \
+        or "StorageFull" in str(exc)
+
+
+def disk_full_error(folder, need: int | None = None) -> OSError:
+    """The one-line error for a write that ran out of space in ``folder``."""
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+    parts = [f"about {need / 2**20:,.1f} MiB needed" if need else "",
+             f"{free / 2**20:,.1f} MiB free" if free is not None else ""]
+    detail = "; ".join(p for p in parts if p)
+    return OSError(errno.ENOSPC, f"no space left on the disk of {folder}" + (f" ({detail})" if detail else "")
+                   + "; free some space or write elsewhere")
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write a small text file by a synced temporary file and a rename: readers see the old or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_dir_write(path, write) -> Path:
     """Call ``write(tmp_dir)`` then move the finished folder into ``path``, so a crash never leaves a half
-    written folder behind (an existing folder is replaced only after the new one is complete)."""
+    written folder behind (an existing folder is replaced only after the new one is complete). The files
+    and folders are fsynced before the rename and the parent after it; permissions follow the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        write(tmp)
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the published folder is an ordinary one
+        try:
+            write(tmp)
+            fsync_tree(tmp, 0o666 & ~umask)
+        except (OSError, SafetensorError) as e:
+            if is_disk_full(e):
+                old_size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else None
+                raise disk_full_error(path.parent, old_size) from e
+            raise
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -47,6 +118,7 @@ def atomic_dir_write(path, write) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -63,9 +135,11 @@ def folder_of(path) -> Path:
 
 def read_json(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror or e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(cfg).__name__}")
     return cfg

@@ -16,11 +16,13 @@ from . import custom_ops, reference
 from .backends.base import cast_or_none
 from .checks import (
     check_code,
+    check_count,
     check_dead_mask,
     check_encoder,
     check_float,
     check_index_range,
     check_k,
+    check_number,
     is_master,
     set_check_finite,
 )
@@ -250,7 +252,8 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
 def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """BatchTopK at inference: ``p * (p > threshold)`` with one global threshold."""
     check_encoder(x, W_enc, b_enc, b_dec)
-    cutoff = torch.full_like(b_enc, max(float(threshold), 0.0))
+    threshold = check_number("threshold", threshold)
+    cutoff = torch.full_like(b_enc, max(threshold, 0.0))
     return _encode(x, W_enc, b_enc, b_dec, "threshold", cutoff, lambda pre: reference.threshold_relu(pre, threshold))
 
 
@@ -324,6 +327,8 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
     n = W_enc.shape[0]
     check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
     check_k("k", k, n)
+    if check_count("k_aux", k_aux) < 0:
+        raise ValueError(f"k_aux must be >= 0; got {k_aux}")
     if dead_mask is not None and k_aux:
         check_dead_mask(dead_mask, n)
         k_aux = min(int(k_aux), int(dead_mask.sum()))

@@ -17,6 +17,7 @@ through ``sae_fast.folders``, every format registered there: SAELens and sparsif
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -71,10 +72,16 @@ class SAEConfig:
     """A latent that has not fired for this many training tokens counts as dead."""
 
     def __post_init__(self):
-        for name in ("d_in", "n_latents"):
+        # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
+        # numpy integers are integers (stored as int), 2.5 and True are not.
+        for name in ("d_in", "n_latents", "k", "dead_tokens") + (("k_aux",) if self.k_aux is not None else ()):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int; got {type(v).__name__} {v!r}")
+            setattr(self, name, int(v))
+        for name in ("d_in", "n_latents", "dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
@@ -83,6 +90,11 @@ class SAEConfig:
             self.k_aux = self.d_in // 2
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise TypeError(f"{name} must be a finite number; got {type(v).__name__} {v!r}")
+            setattr(self, name, float(v))
         for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -348,6 +360,12 @@ def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
         expected["log_threshold"] = (n,)
     weights = {k: take(state, k, shape, weights_path) for k, shape in expected.items()}
     buffers = {k: state.pop(k) for k in ("tokens_since_fired", "threshold") if k in state}
+    for k, (shape, kind) in {"tokens_since_fired": ((n,), "int64"), "threshold": ((), "float")}.items():
+        t = buffers.get(k)
+        if t is not None and (tuple(t.shape) != shape or (t.dtype != torch.int64 if kind == "int64"
+                                                          else not t.is_floating_point())):
+            raise ValueError(f"tensor {k!r} in {weights_path} must be {kind} of shape {shape}; got {t.dtype} "
+                             f"{tuple(t.shape)}")
     no_leftovers(state, weights_path, f"a sae-fast {sae_cfg.activation} SAE")
     dtype = parse_dtype(dtype, weights["W_enc"].dtype)
     return SparseAutoencoder.from_weights(sae_cfg, weights, device, dtype, buffers=buffers)

@@ -53,7 +53,7 @@ def test_cli_flags_build_the_config():
     assert config_from_args(TrainConfig, parser.parse_args([])) == TrainConfig()
     with pytest.raises(SystemExit):
         parser.parse_args(["--activation", "tanh"])
-    with pytest.raises(ValueError, match="divisible by grad_accum"):
+    with pytest.raises(ValueError, match="divisible by --grad-accum"):
         TrainConfig(batch_tokens=100, grad_accum=3)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         TrainConfig(k=0)

@@ -3,7 +3,8 @@
 // TopK: scores stream in ascending latent order. A row keeps a candidate buffer (values and latent
 // ids, in ascending latent order) and a threshold `thr`, the k-th best score so far (-inf until k
 // candidates exist). Only scores > thr are appended, so after the first few hundred latents one vector
-// compare rejects 16 scores at a time; with AVX-512 the rare hits are appended by compress-stores.
+// compare rejects 16 (AVX-512) or 8 (AVX2) scores at a time; with AVX-512 the rare hits are appended by
+// compress-stores, with AVX2 one by one.
 // When the buffer is full a stable compaction keeps the best k and raises thr.
 // Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
 // ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
@@ -23,6 +24,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SAE_FAST_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define SAE_FAST_AVX2 1
 #endif
 
 namespace sae_fast {
@@ -163,8 +167,21 @@ struct RunningTopK {
   }
 };
 
-#ifdef SAE_FAST_AVX512
+#if defined(SAE_FAST_AVX512) || defined(SAE_FAST_AVX2)
 inline float filter_thr(float thr) { return is_nan(thr) ? std::numeric_limits<float>::infinity() : thr; }
+#endif
+
+#ifdef SAE_FAST_AVX2
+// The hits of one 8-wide compare, in latent order; out of line so the scan loop keeps its registers.
+template <bool AUX>
+__attribute__((noinline)) void push_hits(const float* s, const float* bias, int hit, int hit_aux, int32_t base,
+                                         RunningTopK& top, RunningTopK* aux) {
+  for (int l = 0; l < 8; ++l) {
+    const float v = s[l] + bias[l];
+    if ((hit >> l & 1) && better(v, top.thr)) top.push(v, base + l);
+    if (AUX && (hit_aux >> l & 1) && better(v, aux->thr)) aux->push(v, base + l);
+  }
+}
 #endif
 
 // Feed scores s[j] + bias[j] of latents c0 .. c0+m-1 to `top`, and to `aux` for latents with
@@ -195,6 +212,20 @@ inline void scan_topk_t(const float* s, const float* bias, int64_t m, int32_t c0
         ta = _mm512_set1_ps(filter_thr(aux->thr));
       }
     }
+  }
+#elif defined(SAE_FAST_AVX2)
+  // No compress-store: one compare + movemask rejects 8 scores; the rare hits are re-checked one by
+  // one against the current threshold (a compaction may raise it mid-vector), which keeps it exact.
+  for (; j + 8 <= m; j += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
+    int hit = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(filter_thr(top.thr)), _CMP_NLE_UQ));
+    int hit_aux = 0;
+    if (AUX) {
+      hit_aux = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(filter_thr(aux->thr)), _CMP_NLE_UQ));
+      for (int h = hit_aux; h; h &= h - 1) hit_aux &= ~((keep[j + __builtin_ctz(h)] == 0) << __builtin_ctz(h));
+    }
+    if (__builtin_expect((hit | hit_aux) != 0, 0))
+      push_hits<AUX>(s + j, bias + j, hit, hit_aux, c0 + static_cast<int32_t>(j), top, aux);
   }
 #endif
   for (; j < m; ++j) {
@@ -235,6 +266,19 @@ inline int64_t scan_threshold(const float* s, const float* bias, const float* cu
         }
         ++count;
       }
+    }
+  }
+#elif defined(SAE_FAST_AVX2)
+  for (; j + 8 <= m; j += 8) {
+    const __m256 val = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(val, _mm256_loadu_ps(cutoff + j), _CMP_GT_OQ));
+    for (int h = hit; h; h &= h - 1) {
+      const int l = __builtin_ctz(h);
+      if (count < cap) {
+        v[count] = s[j + l] + bias[j + l];
+        i[count] = c0 + static_cast<int32_t>(j) + l;
+      }
+      ++count;
     }
   }
 #endif

@@ -143,6 +143,9 @@ class SparseBackend:
     def sparse_decode(self, values, idx, W, bias=None):
         check_indices(idx, W.shape[0])
         Wa = acc(W)
+        if idx.shape[1] == 0:  # no active latent: embedding_bag cannot take empty bags of width 0
+            out = Wa.new_zeros(idx.shape[0], W.shape[1])
+            return (out if bias is None else out + acc(bias)).to(W.dtype)
         out = F.embedding_bag(idx, Wa, per_sample_weights=values.to(Wa.dtype), mode="sum")
         out = out if bias is None else out + acc(bias)
         return out.to(W.dtype)

@@ -67,8 +67,8 @@ def render(gpu: GPU, results: list, markdown: bool = False) -> str:
 
 
 def _table(head, body, markdown: bool) -> str:
-    # Cells are not escaped: kernel names such as "L1 = |acts * norms|" stay as the committed results have them.
-    return markdown_table(head, body, escape=False) if markdown else text_table(head, body)
+    # Cells are escaped: kernel names such as "L1 = |acts * norms|" would otherwise split a Markdown row.
+    return markdown_table(head, body, escape=True) if markdown else text_table(head, body)
 
 
 def main(args) -> int:

@@ -13,8 +13,15 @@ from sae_fast.cli import bench, demo, eval, features, info, steer, train
 COMMANDS = (info, demo, bench, train, eval, features, steer)  # the order `sae-fast --help` lists them
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line naming it (the usage of `train` alone is 20 lines)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-fast", description=__doc__.split(":", 1)[1].split("\n")[0].strip())
+    parser = _Parser(prog="sae-fast", description=__doc__.split(":", 1)[1].split("\n")[0].strip())
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for command in COMMANDS:
         command.add_parser(sub)

@@ -46,8 +46,9 @@ def add_parser(sub) -> None:
                    help="interleaved: build every row, then time them round-robin call by call (fair on a shared "
                         "machine; default on CPU); sequential: one row at a time (less memory; default on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="folder for the JSON/Markdown/PNG results (default: benchmarks/results); - to save nothing")
+    p.add_argument("--out", default="sae-fast-bench",
+                   help="folder for the JSON/Markdown/PNG results (default: ./sae-fast-bench, in the current "
+                        "directory, never the checkout's committed benchmarks/results); - to save nothing")
     p.add_argument("--model", default=None, metavar="GPU",
                    help="print the roofline MODEL for h100 or h200 instead of measuring")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -13,8 +14,21 @@ def _demo(args) -> int:
 
     import sae_fast
     from sae_fast import SparseAutoencoder
-    from sae_fast.synthetic import SparseDictionaryData, best_cosines, recovery
+    from sae_fast.cli.common import check_finite, check_positive
+    from sae_fast.synthetic import SparseDictionaryData, best_cosines
 
+    try:  # every argument before any work
+        check_positive(args, "d", "features", "active", "n_latents", "k", "steps", "batch")
+        check_finite(args, "lr")
+        if args.k > args.n_latents:
+            raise ValueError(f"--k {args.k} is more than --n-latents {args.n_latents}")
+        if args.active > args.features:
+            raise ValueError(f"--active {args.active} is more than --features {args.features}")
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0; got {args.lr}")
+    except ValueError as e:
+        print(f"sae-fast demo: error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     data = SparseDictionaryData(args.d, args.features, active=args.active, seed=args.seed)
     sae = SparseAutoencoder(args.d, args.n_latents, "topk", k=args.k, seed=args.seed,
@@ -34,6 +48,7 @@ def _demo(args) -> int:
                         dead=f"{sae.dead_mask.float().mean().item():.1%}")
     elapsed = time.perf_counter() - start
     sae.eval()
+    cosines = best_cosines(sae.W_dec, data.features)
     with torch.no_grad():
         final = sae(data.sample(4096))
     result = {
@@ -43,10 +58,10 @@ def _demo(args) -> int:
         "fvu": round(final.fvu.item(), 4),
         "l0": round(final.l0.item(), 2),
         "dead_fraction": round(sae.dead_mask.float().mean().item(), 4),
-        "feature_recovery": round(recovery(sae.W_dec, data.features), 4),
+        "feature_recovery": round(sum(cosines) / len(cosines), 4),  # synthetic.recovery
     }
     print(json.dumps(result, indent=2))
-    found = sum(c > 0.9 for c in best_cosines(sae.W_dec, data.features))
+    found = sum(c > 0.9 for c in cosines)
     print(f"feature_recovery: the mean, over the {args.features} true features, of each one's best cosine with "
           f"a decoder row (1 = every feature found exactly); {found} of them have a decoder row within cosine 0.9")
     if args.out:

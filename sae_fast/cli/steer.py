@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from sae_fast.cli.common import check_causal_lm, check_finite, check_positive
+
 
 def _ints(text, flag) -> list[int]:
     try:
@@ -20,6 +22,18 @@ def _pairs(text) -> dict[int, float]:
         except ValueError:
             raise ValueError(f"--add takes LATENT=AMOUNT pairs, comma-separated; got {text!r}") from None
     return out
+
+
+def _factors(text) -> list[float]:
+    import math
+
+    try:
+        factors = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep takes comma-separated factors; got {text!r}") from None
+    if not factors or not all(math.isfinite(f) for f in factors):
+        raise ValueError(f"--sweep takes comma-separated finite factors; got {text!r}")
+    return factors
 
 
 def _steer(args) -> int:
@@ -41,10 +55,11 @@ def _steer(args) -> int:
             _pairs(args.add or "")
         if not (latents or ablate or add):
             raise ValueError("name what to steer: --latent N[,M] (clamp), --add N=AMOUNT or --ablate N")
-        factors = [float(f) for f in args.sweep.split(",")] if args.sweep else [args.factor]
-        if args.max_new_tokens < 1 or args.tokens < 1:
-            raise ValueError("--max-new-tokens and --tokens must be >= 1")
+        check_positive(args, "tokens", "max_new_tokens")  # before anything is loaded
+        check_finite(args, "factor", "value")
+        factors = _factors(args.sweep) if args.sweep else [args.factor]
         sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
+        check_causal_lm(model_name)  # from its config, before the weights load
         for i in [*latents, *ablate, *add]:
             if not 0 <= i < sae.n_latents:
                 raise ValueError(f"latent {i} is out of range: the SAE has {sae.n_latents} latents [0, {sae.n_latents})")

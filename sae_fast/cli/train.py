@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
     """Train SAEs on a model's activations (the embedded default with no arguments); print the final metrics."""
     from sae_fast.train import Trainer
     from sae_fast.train.config import TrainConfig, config_from_args
+    from sae_fast.train.runfolder import RunFolderBusy
+    from sae_fast.train.trainer import TrainingDiverged
 
     try:
         cfg = config_from_args(TrainConfig, args)
         summary = Trainer(cfg).run()
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # a bad argument or input file
         print(f"sae-fast train: error: {e}", file=sys.stderr)
         return 2
-    out = cfg.out
+    except (RunFolderBusy, TrainingDiverged, OSError) as e:  # the run could not go on (busy, diverged, disk full)
+        text = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e  # no "[Errno 28]"
+        print(f"sae-fast train: error: {text}", file=sys.stderr)
+        return 1
+    out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
     for layer, m in summary["layers"].items():
         held = f"on {m['eval_tokens']:,} held-out tokens: " if "fvu" in m else ""
@@ -24,8 +31,12 @@ def _train(args) -> int:
         if "spliced" in m:  # a causal LM: the SAE spliced into it (sae_fast.evaluate)
             from sae_fast.evaluate import describe
             print(describe(m["spliced"]) + f"\n(numbers: {out}/sae/{layer}/eval.json)")
-    print(f"SAE: {out}/sae/<layer> (SparseAutoencoder.load), checkpoints: {out}/checkpoints, "
-          f"metrics: {out}/metrics.jsonl" + (f", plot: {summary['plot']}" if "plot" in summary else ""))
+    for layer in summary["layers"]:
+        print(f"SAE: {out / 'sae' / layer} (SparseAutoencoder.load)")
+    if cfg.export != "none":
+        print(f"export ({cfg.export}): {out / 'export' / cfg.export}")
+    print(f"checkpoints: {out / 'checkpoints'}, metrics: {out / 'metrics.jsonl'}"
+          + (f", plot: {summary['plot']}" if "plot" in summary else ""))
     return 0
 
 

@@ -33,11 +33,18 @@ def _load_sparsify_one(path, device=None, dtype=None):
         if cfg.get(flag):
             raise ValueError(f"{cfg_path}: this sparse coder has {why}, which sae-fast does not support")
     t = read_tensors(weights_path)
+    if "encoder.weight" not in t and "W_enc" in t and "format" not in cfg:
+        raise ValueError(f"{cfg_path} has no \"format\" entry, and {weights_path.name} holds sae-fast tensors "
+                         "(W_enc): a sae-fast config that lost its \"format\": \"sae-fast\" line; add it back")
     if "encoder.weight" not in t:
         raise ValueError(f"{weights_path} has no tensor 'encoder.weight' (has: {', '.join(sorted(t)) or 'none'})")
     n_file, d_file = t["encoder.weight"].shape if t["encoder.weight"].dim() == 2 else (None, None)
-    d = int(cfg.get("d_in", d_file or 0))
-    n = int(cfg.get("num_latents") or 0) or d * int(cfg.get("expansion_factor", 32))
+    for key in ("d_in", "num_latents", "expansion_factor", "k"):  # ints in the file, not 2.5 or true or "4"
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{cfg_path}: {key} must be an integer; got {v!r}")
+    d = cfg.get("d_in", d_file or 0)
+    n = cfg.get("num_latents") or d * cfg.get("expansion_factor", 32)
     file_dtype = t["encoder.weight"].dtype
     weights = {
         "W_enc": take(t, "encoder.weight", (n, d), weights_path, "num_latents, d_in"),
@@ -48,7 +55,7 @@ def _load_sparsify_one(path, device=None, dtype=None):
     }
     no_leftovers(t, weights_path, "a sparsify top-k SAE")
     try:
-        sae_cfg = SAEConfig(d_in=d, n_latents=n, activation="topk", k=int(cfg.get("k", 32)))
+        sae_cfg = SAEConfig(d_in=d, n_latents=n, activation="topk", k=cfg.get("k", 32))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path}: {e}") from e
     return SparseAutoencoder.from_weights(sae_cfg, weights, device, parse_dtype(dtype, file_dtype))

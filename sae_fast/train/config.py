@@ -5,6 +5,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, fields
@@ -99,7 +100,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- output
     out: str = "sae-fast-out"
-    """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json."""
+    """Run folder: checkpoints/, sae/<layer>/, metrics.jsonl, curves.png, summary.json; one run at a time
+    (a second run in it fails at once)."""
     export: str = "none"
     """Also write the final SAEs as saelens or sparsify (topk only) folders, export/<format>/<layer>/, with
     the activation scale folded into the weights so they read raw model activations; none: skip."""
@@ -110,47 +112,55 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics.jsonl rows."""
     resume: bool = False
-    """Continue from the run folder's last checkpoint (same trajectory as an uninterrupted run)."""
+    """Continue from the run folder's newest intact checkpoint (checksums and values checked; a damaged one
+    is skipped, saying why) on the same trajectory as an uninterrupted run; a finished run says so."""
     plot: bool = True
     """Write curves.png (needs matplotlib)."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self):
+        """Each value on its own (an error names the --option); the machine's side is train/preflight.py."""
         positive = ("ctx_len", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
                     "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
-        for name in positive:
+        for name in positive + ("n_latents", "steps", "max_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        for name in ("n_latents", "steps", "max_tokens"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        if not self.sink_factor >= 0:
-            raise ValueError(f"sink_factor must be >= 0 (0 keeps attention sinks); got {self.sink_factor}")
-        if self.eval_tokens < 0 or self.warmup_steps < 0:
-            raise ValueError("eval_tokens and warmup_steps must be >= 0")
+            if name in positive or v is not None:
+                _check_int(name, v, 1)
+        _check_int("eval_tokens", self.eval_tokens, 0)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.k_aux is not None:
+            _check_int("k_aux", self.k_aux, 0, " (0 turns AuxK off)")
+        _check_number("sink_factor", self.sink_factor)  # 0 keeps attention sinks
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+            raise ValueError(f"--activation must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.batch_tokens % self.grad_accum:
-            raise ValueError(f"batch_tokens={self.batch_tokens} must be divisible by grad_accum={self.grad_accum}")
-        if not self.lr > 0 or not self.epochs > 0:
-            raise ValueError(f"lr and epochs must be > 0; got lr={self.lr}, epochs={self.epochs}")
+            raise ValueError(f"--batch-tokens {self.batch_tokens} must be divisible by --grad-accum {self.grad_accum}")
+        for name in ("lr", "epochs"):  # finite: --lr inf diverges at once, --epochs inf never ends
+            _check_number(name, getattr(self, name), positive=True)
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
+            _check_number(name, getattr(self, name))
+        if self.n_latents is not None and self.activation in ("topk", "batchtopk") and self.k > self.n_latents:
+            raise ValueError(f"--k {self.k} is more than --n-latents {self.n_latents}")
         for name in ("decay_frac", "sparsity_warmup"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+            _check_number(name, getattr(self, name))
+            if getattr(self, name) > 1:
+                raise ValueError(f"{_flag(name)} must be in [0, 1]; got {getattr(self, name)}")
         if self.lr_decay not in ("linear", "cosine", "none"):
-            raise ValueError(f"lr_decay must be linear, cosine or none; got {self.lr_decay!r}")
+            raise ValueError(f"--lr-decay must be linear, cosine or none; got {self.lr_decay!r}")
         if self.export not in ("none", "saelens", "sparsify"):
-            raise ValueError(f"export must be none, saelens or sparsify; got {self.export!r}")
+            raise ValueError(f"--export must be none, saelens or sparsify; got {self.export!r}")
         if self.export == "sparsify" and self.activation != "topk":
             raise ValueError(f"--export sparsify needs --activation topk (sparsify stores top-k SAEs only); "
                              f"got {self.activation!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype must be auto, fp32 or bf16; got {self.dtype!r}")
+            raise ValueError(f"--dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"cache_dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
+            raise ValueError(f"--cache-dtype must be float32, bfloat16 or float16; got {self.cache_dtype!r}")
+        for name in ("out", "model", "layer", "corpus", "cache_dir", "device", "backend"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{_flag(name)} must be a non-empty string; got {v!r}")
 
     @property
     def token_budget(self) -> int:
@@ -164,6 +174,21 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, v, lo: int, note: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        raise ValueError(f"{_flag(name)} must be {what}{note}; got {v!r}")
+
+
+def _check_number(name: str, v, positive: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{_flag(name)} must be a finite number {'> 0' if positive else '>= 0'}; got {v!r}")
 
 
 # ---------------------------------------------------------------------------- dataclass -> argparse

@@ -17,25 +17,30 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
-from ..activations.hooks import middle_layer, resolve_layers
+from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
+from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
 from ..sae import SAEConfig, SparseAutoencoder
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, newest_intact, read_manifest, restore, save_checkpoint
 from .config import TrainConfig
 from .lm_eval import splice_eval
 from .metrics import MetricsLog, plot_curves
+from .preflight import check_backend, check_folder, fingerprint_changes, resolve_device
+from .runfolder import RunLock, trajectory_changes
 from .schedule import lr_factor, sparsity_factor
 
-# Config fields that do not change the trajectory: a run may resume with different values for these.
-_FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
-                   "device"}
 _DECODER_UNIT_NORM = ("topk", "batchtopk")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; the message names the step, the layer and a likely cause."""
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -53,8 +58,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device)
         self.log = print
+        check_backend(cfg.backend, self.device)
+        check_folder("--out", self.out)
+        if cfg.cache_dir:
+            check_folder("--cache-dir", cfg.cache_dir)
 
     # ------------------------------------------------------------------ data
     def _fingerprint(self) -> dict:
@@ -76,6 +85,11 @@ class Trainer:
             if train and evals and train.fingerprint == fingerprint and evals.fingerprint == fingerprint:
                 self.log(f"activations: reusing {train.n_rows} tokens from {c.cache_dir}")
                 return train, evals
+            for store in (train, evals):  # another configuration's cache is never overwritten
+                if store and store.fingerprint != fingerprint:
+                    raise ValueError(f"--cache-dir {c.cache_dir} holds the activations of another configuration ("
+                                     f"{', '.join(fingerprint_changes(store.fingerprint, fingerprint))}); "
+                                     "pass a new --cache-dir, or delete that one")
         name = DEFAULT_MODEL_NAME if c.model is None else c.model
         self.log(f"model: {name}")
         model, tokenizer = load_model(c.model, device=self.device)
@@ -86,14 +100,21 @@ class Trainer:
         else:
             layer = c.layer
         layers = resolve_layers(model, layer)
+        probe = capture(model, layers, **{k: v.to(self.device) for k, v in tokenizer("probe", return_tensors="pt").items()})
+        self.check_widths({n: t.shape[-1] for n, t in probe.items()})  # k vs n before collecting
         texts = default_corpus() if c.corpus is None else read_corpus(c.corpus)
         self.log(f"corpus: {'Python docs (pydoc_data.topics) + stdlib sources' if c.corpus is None else c.corpus}; "
                  f"layers: {', '.join(layers)}")
-        train, evals = collect_text(
-            model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.token_budget,
-            eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
-            shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
-            sink_factor=c.sink_factor)
+        try:
+            train, evals = collect_text(
+                model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.token_budget,
+                eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
+                shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
+                sink_factor=c.sink_factor)
+        except (OSError, SafetensorError) as e:
+            if c.cache_dir and is_disk_full(e):
+                raise disk_full_error(c.cache_dir) from e
+            raise
         st = train.stats
         self.log(f"left out {st['special_excluded']:,} special/BOS tokens and {st['sinks_excluded']:,} attention-sink "
                  f"tokens (norm > {c.sink_factor:g}x the median) of {st['windows_tokens']:,} read")
@@ -101,6 +122,15 @@ class Trainer:
         return train, evals
 
     # ------------------------------------------------------------------ model
+    def check_widths(self, widths: dict) -> None:
+        """What the layers' widths decide: k against each layer's number of latents."""
+        c = self.cfg
+        for n, d in widths.items():
+            n_latents = c.n_latents or c.expansion * d
+            if c.activation in ("topk", "batchtopk") and c.k > n_latents:
+                raise ValueError(f"--k {c.k} is more than the {n_latents} latents of layer {n!r} "
+                                 f"(--expansion {c.expansion} x width {d}); lower --k or raise --expansion/--n-latents")
+
     def _make_sae(self, d: int) -> SparseAutoencoder:
         c = self.cfg
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
@@ -126,31 +156,63 @@ class Trainer:
 
     def _run(self) -> dict:
         c = self.cfg
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {c.out!r} cannot be created: {e.strerror}") from None
+        with RunLock(self.out, self.log):
+            return self._run_locked()
+
+    def _resume_point(self, ckpt_root: Path):
+        """With --resume, before any expensive work: refuse a changed configuration, pick the newest intact
+        checkpoint (falling back past damaged ones), and say when the run has already finished."""
+        existing = list_checkpoints(ckpt_root)
+        if not existing:
+            self.log(f"no checkpoint in {ckpt_root}: starting from step 0")
+            return None
+        saved = None
+        for path in reversed(existing):
+            with contextlib.suppress(ValueError):
+                saved = read_manifest(path).get("config")
+                break
+        if isinstance(saved, dict):
+            changes = trajectory_changes(saved, self.cfg.to_dict())
+            if changes:
+                raise ValueError(f"--resume with a different configuration than the checkpoint ({', '.join(changes)}); "
+                                 "use the same settings, or train in a new --out folder")
+        return newest_intact(ckpt_root, self.cfg.batch_tokens, self.log)
+
+    def _run_locked(self) -> dict:
+        c = self.cfg
         torch.manual_seed(c.seed)
+        ckpt_root = self.out / "checkpoints"
+        for stale in ckpt_root.glob(".step_*"):  # a checkpoint being written when the run was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        ckpt = self._resume_point(ckpt_root) if c.resume else None
+        if ckpt is not None and ckpt.meta["step"] == ckpt.meta.get("total_steps") and (self.out / "summary.json").is_file():
+            return self._finished(ckpt)
         train, evals = self.load_data()
+        self._check_held_out(evals)
+        self.check_widths(train.widths)
         layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
         saes = {n: self._make_sae(train.widths[n]) for n in layers}
         opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
 
-        ckpt_root = self.out / "checkpoints"
         step, pos = 0, 0
         sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
         since = 0
-        existing = list_checkpoints(ckpt_root)
-        for stale in ckpt_root.glob(".step_*"):  # a checkpoint being written when the run was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        if c.resume and existing:
-            self._check_resume_config(json.loads((existing[-1] / "state.json").read_text())["config"])
-            meta = load_checkpoint(existing[-1], saes, opts)
+        if ckpt is not None:
+            meta = restore(ckpt, saes, opts)
             step, pos = meta["step"], meta["data_position"]
             sums, since = meta["log_sums"], meta["log_since"]
-            self.log(f"resuming from {existing[-1]} (step {step}/{total})")
+            if step > total:
+                raise ValueError(f"checkpoint {ckpt.path} is at step {step}, past this run's {total} steps")
+            self.log(f"resuming from {ckpt.path} (step {step}/{total})")
         else:
-            if c.resume:
-                self.log(f"no checkpoint in {ckpt_root}: starting from step 0")
-            elif existing:
+            existing = list_checkpoints(ckpt_root)
+            if existing and not c.resume:
                 self.log(f"starting fresh in {self.out} (pass --resume to continue the run there)")
             for p in existing:
                 shutil.rmtree(p, ignore_errors=True)
@@ -159,8 +221,7 @@ class Trainer:
             with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
                 for n in layers:
                     saes[n].b_dec.copy_(first[n].mean(0))
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
 
         stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
@@ -213,20 +274,42 @@ class Trainer:
                                     f"L0 {mean['l0']:.1f} dead {mean['dead_pct']:.1f}%")
                 sums = {n: {} for n in layers}
                 since, timed, t_log = 0, 0, time.perf_counter()
+                self._check_finite(step, saes, rows, ckpt_root)
             if step % c.checkpoint_every == 0 or step == total:
+                self._check_finite(step, saes, [], ckpt_root)  # never checkpoint non-finite weights
                 state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
-                         "log_since": since, "config": c.to_dict()}
+                         "log_since": since, "total_steps": total, "config": c.to_dict()}
                 save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
         return self._finish(saes, evals, scales, step, total)
 
-    def _check_resume_config(self, saved: dict) -> None:
-        now = self.cfg.to_dict()
-        diff = sorted(k for k in now if k not in _FREE_ON_RESUME and saved.get(k) != now[k])
-        if diff:
-            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-            raise ValueError(f"--resume with a different configuration than the checkpoint ({changes}); "
-                             "use the same settings, or train in a new --out folder")
+    def _check_finite(self, step: int, saes: dict, rows: list, ckpt_root: Path) -> None:
+        """Stop at the first non-finite loss or weight (checked at logging and checkpoint steps only: one
+        host sync there, none per step), keeping the last good checkpoint."""
+        bad = [f"layer {r['layer']}: loss {r['loss']}" for r in rows if not math.isfinite(r["loss"])]
+        for n, sae in saes.items():
+            bad += [f"layer {n}: {name} not finite" for name, p in sae.named_parameters()
+                    if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        kept = list_checkpoints(ckpt_root)
+        c = self.cfg
+        cause = (f"--lr {c.lr:g} is far too high (try 1e-3)" if c.lr > 0.1 else
+                 "a learning rate too high for this data (try a lower --lr), or non-finite activations")
+        raise TrainingDiverged(
+            f"training diverged at step {step} ({'; '.join(bad[:3])}); likely cause: {cause}. "
+            + (f"The last good checkpoint, {kept[-1]}, is kept" if kept else "No checkpoint was written before it"))
+
+    def _check_held_out(self, evals: ActivationStore) -> None:
+        """Non-finite held-out activations would make the final FVU NaN: fail now, not after training."""
+        if not evals.n_rows:
+            return
+        where = f" (cache {self.cfg.cache_dir})" if self.cfg.cache_dir else ""
+        for n, x in evals.all().items():
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ValueError(f"the held-out activations of layer {n!r} have {bad} non-finite values{where}: the "
+                                 "model gives NaN or inf there; check the model's weights and dtype (--cache-dtype)")
 
     # ------------------------------------------------------------------ evaluation and outputs
     @torch.no_grad()
@@ -244,6 +327,23 @@ class Trainer:
         var = float((x - x.mean(0)).pow(2).sum())
         return {"fvu": err / max(var, 1e-30), "l0": l0 / x.shape[0]}
 
+    def _export(self, saes: dict, scales: dict) -> None:
+        c = self.cfg
+        if c.export == "saelens":
+            for n, sae in saes.items():
+                save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
+                             metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
+        if c.export == "sparsify":
+            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+
+    def _finished(self, ckpt) -> dict:
+        """--resume on a finished run: nothing to train; write an --export it did not have yet."""
+        self.log(f"the run in {self.out} has already finished ({ckpt.meta['step']} steps): nothing to resume")
+        if self.cfg.export != "none" and not (self.out / "export" / self.cfg.export).exists():
+            self.log(f"writing the --export {self.cfg.export} it did not have")
+            self._export(ckpt.saes, ckpt.meta["scales"])
+        return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
+
     def _finish(self, saes: dict, evals: ActivationStore, scales: dict, step: int, total: int) -> dict:
         c = self.cfg
         held_out = evals.all() if evals.n_rows else None
@@ -258,17 +358,13 @@ class Trainer:
             folder = self.out / "sae" / n
             save_sae(sae, folder, metadata={"model": model_id(c.model), "hook": n})
             save_normalization(folder, n, scales[n], sae.d_in)
-            if c.export == "saelens":
-                save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
-                             metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
             summary["layers"][n] = final
-        if c.export == "sparsify":
-            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+        self._export(saes, scales)
         spliced = splice_eval(c, saes, scales, self.device, self.log)  # causal LMs only
         for n, m in (spliced or {}).items():
             summary["layers"][n]["spliced"] = m
-            (self.out / "sae" / n / "eval.json").write_text(json.dumps(m, indent=2) + "\n")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.out / "sae" / n / "eval.json", json.dumps(m, indent=2) + "\n")
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if c.plot:
             try:
                 summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
