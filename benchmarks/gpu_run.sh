@@ -2,7 +2,9 @@
 # Everything a GPU machine should run, in one command (build, GPU tests, encoder A/B, W1-W4 benchmark, memory
 # at 1M latents):
 #   bash benchmarks/gpu_run.sh [OUT]          # OUT defaults to benchmarks/results
-#   QUICK=1 bash benchmarks/gpu_run.sh /tmp/x  # a minutes-long smoke run of the same steps
+#   QUICK=1 bash benchmarks/gpu_run.sh OUT     # one command for a short GPU lease (meant to take < 8 min with
+#                                              # the build): GPU tests, the encoder A/B at W2, the W2 bench with
+#                                              # the trainer-step rows and sparsify, a profile of the fused step
 #   TUNE=1 bash benchmarks/gpu_run.sh          # also time the Triton launch configs (benchmarks/triton_tune.py)
 #   AB=0 bash benchmarks/gpu_run.sh            # skip the encoder / master-weight A/B (benchmarks/encoder_ab.py)
 # Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.
@@ -16,6 +18,8 @@ GPUS=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   || die "nvidia-smi failed (no usable GPU or driver): $GPUS"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The Triton fused step is opt-in on GPUs until its GPU test (run below) has passed on one.
+export SAE_FAST_TRITON_FUSED_STEP=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site PATH="/tmp/site/bin:$PATH"
@@ -40,15 +44,17 @@ python3 -m pytest -q -p no:logging -m gpu tests/test_triton_gpu.py 2>&1 | tee "$
 # (a few minutes; AB=0 skips it, e.g. when it ran as its own call: python3 benchmarks/encoder_ab.py --out OUT).
 if [ "${AB:-1}" = 1 ]; then
   if [ "${QUICK:-0}" = 1 ]; then
-    python3 benchmarks/encoder_ab.py --workloads w1 --chunks 4096 --out "$OUT"
+    python3 benchmarks/encoder_ab.py --workloads w2 --chunks 4096 --out "$OUT"
   else
     python3 benchmarks/encoder_ab.py --out "$OUT"
   fi
 fi
 
 if [ "${QUICK:-0}" = 1 ]; then
-  sae-fast bench --device cuda --quick --quiet --out "$OUT"
-  sae-fast bench --device cuda --quick --quiet --workload w2 --n 65536 --backends triton --peers sparsify --out -
+  sae-fast bench --device cuda --quiet --workload w2 --repeats 5 --warmup 2 --backends triton --peers sparsify \
+    --out "$OUT"
+  python3 benchmarks/profile_step.py --workload w2 --steps 3 --fused-step --trace "$OUT/profile-w2-fused-step.json" \
+    > "$OUT/profile-w2-fused-step.txt" 2>&1
 else
   sae-fast bench --device cuda --quiet --out "$OUT"
   # Memory must stay flat in n: W2 at n = 1,048,576 (the dense reference would need B x n x 4 bytes per tensor).

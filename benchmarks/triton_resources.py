@@ -114,7 +114,15 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     ``EncoderOptions.master_in_kernel``); the decoder gathers read fp32 W_dec or a bf16 copy
     (``ops._gathered``), the backward writes fp32 gradients."""
     from sae_fast import ops
-    from sae_fast.kernels import decoder, encoder_common, latent_backward, scan_encoder, threshold_encoder, topk_encoder
+    from sae_fast.kernels import (
+        decoder,
+        encoder_common,
+        fused_step,
+        latent_backward,
+        scan_encoder,
+        threshold_encoder,
+        topk_encoder,
+    )
 
     w = WORKLOADS[workload]
     B, d, n, k = w.shape
@@ -127,7 +135,8 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     W_gemm = torch.empty(n, d, dtype=dt, **meta)  # what the backend hands the tiles (a copy for bf16)
     dev = encoder_common.Device(cap, TARGETS[cap]["sms"])
     notes = {}  # launch position -> what sets it apart
-    with _recording((encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward), dev) as sink:
+    kernels = (encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward, fused_step)
+    with _recording(kernels, dev) as sink:
         c = encoder_common.fold_bias(W_enc, b_enc, b_dec)
         K = k if w.activation == "topk" else W4_MAX_ROW
         encoders = [(W_gemm, "")] + ([(W_enc, "W_enc fp32 in the tiles")] if dt != f32 else [])
@@ -172,6 +181,14 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         else:                                                  # encoder and decoder nodes separately
             latent_backward.latent_backward(idx, n, values, xc, grad_dtype=f32)
             latent_backward.latent_backward(idx, n, v=values, g=g, grad_dtype=f32)
+        # The fused training step (sae_fast.optim.FusedAdam) in place of the latent-sorted backward + Adam.
+        start = len(sink)
+        unit = w.activation == "topk"
+        moments = [torch.empty(*t.shape, dtype=f32, **meta) for t in (W_enc, W_enc, b_enc, b_enc, W_dec, W_dec)]
+        d_norm = None if unit else torch.empty(n, dtype=f32, **meta)
+        fused_step.fused_adam_step(idx, values, K, dp, xc, values, g, d_norm, [W_enc, b_enc, W_dec], moments,
+                                   (1e-3, 1.0, 0.9, 0.999, 1e-8), unit, unit)
+        notes.update(dict.fromkeys(range(start, len(sink)), "fused step"))
     return [Launch(workload, dtype_name, cap, name, fn, args, kwargs, notes.get(i, ""))
             for i, (name, fn, args, kwargs) in enumerate(sink)]
 

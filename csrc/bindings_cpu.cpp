@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "cpu/fused_step.h"
 #include "cpu/sparse_ops.h"
 #include "cpu/select.h"
 
@@ -17,21 +18,35 @@ PYBIND11_MODULE(_C, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
 
   m.def("sparse_decode", [](ptr values, ptr idx, ptr W, bool bf16, ptr bias, ptr out, int64_t B, int64_t K,
-                            int64_t d, int threads) {
-    sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
-                            P<const float>(bias), P<float>(out), B, K, d, threads);
+                            int64_t n, int64_t d, int threads) {
+    return sae_fast::sparse_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
+                                   P<const float>(bias), P<float>(out), B, K, n, d, threads);
   }, nogil);
 
-  m.def("gather_dot", [](ptr g, ptr idx, ptr W, bool bf16, ptr out, int64_t B, int64_t K, int64_t d, int threads) {
-    sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const void>(W), bf16, P<float>(out),
-                         B, K, d, threads);
+  m.def("gather_dot", [](ptr g, ptr idx, ptr W, bool bf16, ptr out, int64_t B, int64_t K, int64_t n, int64_t d,
+                         int threads) {
+    return sae_fast::gather_dot(P<const float>(g), P<const int32_t>(idx), P<const void>(W), bf16, P<float>(out),
+                                B, K, n, d, threads);
   }, nogil);
 
   m.def("latent_backward", [](ptr idx, int64_t B, int64_t K, int64_t n, int64_t d, ptr dp, ptr xc,
                               ptr v, ptr g, ptr dW_enc, ptr db_enc, ptr dW_dec, bool bf16, int threads) {
-    sae_fast::latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp), P<const float>(xc),
-                              P<const float>(v), P<const float>(g), P<void>(dW_enc), P<void>(db_enc),
-                              P<void>(dW_dec), bf16, threads);
+    return sae_fast::latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp), P<const float>(xc),
+                                     P<const float>(v), P<const float>(g), P<void>(dW_enc), P<void>(db_enc),
+                                     P<void>(dW_dec), bf16, threads);
+  }, nogil);
+
+  m.def("fused_adam_step", [](ptr idx, ptr pre, int64_t B, int64_t K, int64_t K_main, int64_t n, int64_t d, ptr dp,
+                              ptr xc, ptr v, ptr g, ptr d_norm, ptr W_enc, ptr b_enc, ptr W_dec, ptr m_W_enc,
+                              ptr s_W_enc, ptr m_b_enc, ptr s_b_enc, ptr m_W_dec, ptr s_W_dec, float step_size,
+                              float bc2_sqrt, double beta1, double beta2, float eps, bool project, bool renorm,
+                              int threads) {
+    const sae_fast::AdamScalars adam{step_size, bc2_sqrt, beta1, beta2, eps};
+    return sae_fast::fused_adam_step(P<const int32_t>(idx), P<const float>(pre), B, K, K_main, n, d,
+                                     P<const float>(dp), P<const float>(xc), P<const float>(v), P<const float>(g),
+                                     P<const float>(d_norm), P<float>(W_enc), P<float>(b_enc), P<float>(W_dec),
+                                     P<float>(m_W_enc), P<float>(s_W_enc), P<float>(m_b_enc), P<float>(s_b_enc),
+                                     P<float>(m_W_dec), P<float>(s_W_dec), adam, project, renorm, threads);
   }, nogil);
 
   m.def("topk_capacity", &sae_fast::topk_capacity_of);

@@ -1,6 +1,7 @@
 """Input checks of the public ops: one-line errors naming the bad argument, before any kernel runs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -11,10 +12,40 @@ from torch import Tensor
 _check_finite = os.environ.get("SAE_FAST_CHECK_FINITE", "1") != "0"
 
 
+# While deferring (deferred_finite_checks): device -> a bool tensor, "every x checked so far was finite".
+_deferred: dict | None = None
+
+
 def set_check_finite(enabled: bool) -> None:
     """Turn the NaN/inf check on inputs on or off (one pass over x; on by default)."""
     global _check_finite
     _check_finite = bool(enabled)
+
+
+@contextlib.contextmanager
+def deferred_finite_checks():
+    """Inside, the ops' NaN/inf check on x is kept on x's device instead of read at once (a read would
+    stall an accelerator's queue every op); ``raise_if_nonfinite()`` reads it, and so does leaving the
+    block. The trainer reads it at its logging steps."""
+    global _deferred
+    outer, _deferred = _deferred, {}
+    try:
+        yield
+        raise_if_nonfinite()
+    finally:
+        _deferred = outer
+
+
+def raise_if_nonfinite() -> None:
+    """Raise the ValueError that a deferred check on x would have raised, if any x since the last call
+    held NaN or inf (one host read per device)."""
+    if not _deferred:
+        return
+    flags = list(_deferred.values())
+    _deferred.clear()
+    if not all(bool(f) for f in flags):
+        raise ValueError("x contained NaN or inf in a step since the last check; fix the activations (or turn this "
+                         "check off with sae_fast.ops.set_check_finite(False))")
 
 
 def _fmt(t: Tensor) -> str:
@@ -60,7 +91,13 @@ def check_x(x) -> None:
     if x.shape[0] == 0:
         raise ValueError("x must have at least one row; got an empty batch")
     # Data-dependent checks would break a torch.compile graph; compiled code skips them.
-    if _check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    if not _check_finite or torch.compiler.is_compiling():
+        return
+    if _deferred is not None:
+        finite = torch.isfinite(x).all()
+        seen = _deferred.get(x.device)
+        _deferred[x.device] = finite if seen is None else seen & finite
+    elif not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
                          "sae_fast.ops.set_check_finite(False))")
 
@@ -115,7 +152,7 @@ def check_code(values, indices, W_dec, b_dec) -> None:
     n, d = W_dec.shape
     if b_dec is not None:
         check_float("b_dec", b_dec, (d,), values.dtype, values.device)
-    # The index range is checked inside the sparse_decode custom op (check_index_range), so compiled code
+    # The index range is checked by every backend's sparse_decode (inside the custom op), so compiled code
     # checks it too.
 
 
@@ -128,8 +165,9 @@ def check_index_range(idx: Tensor, n: int) -> None:
 
 
 def check_indices(idx: Tensor, n: int) -> None:
-    """The backends' guard before a kernel indexes rows with ``idx``: a ValueError on CPU; on an
-    accelerator a device-side assert, so the check costs no host sync."""
+    """The torch and triton backends' guard before a kernel indexes rows with ``idx``: a ValueError on CPU;
+    on an accelerator a device-side assert, so the check costs no host sync. (The cpu backend's kernels
+    count bad indices themselves and raise, with no host read of a tensor.)"""
     if idx.device.type == "cpu":
         check_index_range(idx, n)
     elif idx.numel():

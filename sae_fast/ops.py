@@ -318,11 +318,14 @@ class TopKSAEResult(NamedTuple):
 
 
 def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
-             dead_mask: Tensor | None = None, k_aux: int = 0) -> TopKSAEResult:
+             dead_mask: Tensor | None = None, k_aux: int = 0, pad_aux: bool = False) -> TopKSAEResult:
     """A whole TopK SAE forward in one differentiable op (one fused backward pass on fused backends).
 
     With ``dead_mask`` (n,) bool and ``k_aux`` > 0 it also returns the top-min(k_aux, #dead) dead latents
-    per row, for the AuxK loss."""
+    per row, for the AuxK loss. ``pad_aux`` keeps the list min(k_aux, n) wide whatever the dead count, so
+    nothing reads the count back to the host: missing dead latents are inactive entries (value 0), and
+    with no dead latent at all the caller should zero the AuxK loss (``SparseAutoencoder`` multiplies it
+    by ``dead_mask.any()``)."""
     check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
     check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
@@ -331,7 +334,7 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
         raise ValueError(f"k_aux must be >= 0; got {k_aux}")
     if dead_mask is not None and k_aux:
         check_dead_mask(dead_mask, n)
-        k_aux = min(int(k_aux), int(dead_mask.sum()))
+        k_aux = min(int(k_aux), n if pad_aux else int(dead_mask.sum()))
     else:
         k_aux = 0
     backend = get_backend(x.device)

@@ -239,12 +239,13 @@ class SparseAutoencoder(nn.Module):
         if cfg.activation == "topk":
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
-            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0)
+            # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
+            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0, pad_aux=True)
             values, indices, x_hat = res.values, res.indices, res.x_hat
             if res.aux_values.shape[1]:
                 residual = (x2 - x_hat).detach().float()
                 e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
-                aux_loss = reference.fvu(e_hat, residual)
+                aux_loss = reference.fvu(e_hat, residual) * dead.any()
         else:
             values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
             x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
@@ -268,14 +269,16 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def _update_training_state(self, values: Tensor, indices: Tensor) -> None:
-        fired = indices[values > 0].long()
-        self.tokens_since_fired += values.shape[0]
-        self.tokens_since_fired[fired] = 0
+        """Dead-latent counters and BatchTopK's threshold, with scatters and selects: no host sync."""
+        active = values > 0
+        hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
+            0, indices.reshape(-1).long(), active.reshape(-1).to(self.tokens_since_fired.dtype))
+        self.tokens_since_fired.copy_(torch.where(hits > 0, 0, self.tokens_since_fired + values.shape[0]))
         if self.cfg.activation == "batchtopk":
-            positive = values[values > 0]
-            if positive.numel():  # EMA of the smallest kept activation: the inference threshold
-                m = positive.min().float()
-                self.threshold.copy_(m if self.threshold < 0 else 0.99 * self.threshold + 0.01 * m)
+            # EMA of the smallest kept activation: the inference threshold (unchanged by a batch with none)
+            m = torch.where(active, values, float("inf")).amin().float()
+            ema = torch.where(self.threshold < 0, m, 0.99 * self.threshold + 0.01 * m)
+            self.threshold.copy_(torch.where(torch.isfinite(m), ema, self.threshold))
 
     # ------------------------------------------------------------------ decoder constraints
     @torch.no_grad()

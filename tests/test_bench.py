@@ -32,12 +32,16 @@ def test_quick_cpu_run_prints_and_saves_every_backend(tmp_path, capsys):
     assert data["kind"] == "measurement" and data["command"].startswith("sae-fast bench --quick")
     assert "commit" in data["git"] and data["versions"]["torch"] == torch.__version__
     rows = {r["label"]: r for r in data["workloads"][0]["rows"]}
-    expected = ["encoder GEMM (floor)", "sae-fast [reference]"] + [
-        f"sae-fast [{b}]" for b in sae_fast.available_backends() if b not in ("reference", "triton")]
+    fused = [b for b in sae_fast.available_backends() if b not in ("reference", "triton")]
+    stepped = [b for b in fused if b == "cpu"]  # backends with a fused training step (FusedAdam)
+    expected = ["encoder GEMM (floor)", "sae-fast [reference]"] + [f"sae-fast [{b}]" for b in fused] + [
+        label for b in stepped for label in (f"sae-fast trainer step [{b}]", f"sae-fast trainer step, unfused [{b}]")]
     assert list(rows) == expected
     for label, row in rows.items():
         assert row["status"] == "ok", row
         phases = ["fwd"] if row["kind"] == "floor" else list(bench.PHASES)
+        if label.startswith("sae-fast trainer step ["):  # one step_fused call: no separate fwd+bwd
+            phases = ["fwd", "step"]
         assert list(row["phases"]) == phases and all(row["phases"][p]["median_ms"] > 0 for p in phases)
         assert all(row["phases"][p]["tokens_per_s"] > 0 for p in phases)
         if row["kind"] != "floor":

@@ -229,7 +229,7 @@ def test_fused_optimizer_variant_changes_only_the_backward_and_optimizer():
     assert [k for k in fused if k.phase == "fwd"] == [k for k in built if k.phase == "fwd"]
     text = render(GPUS["h100"], [roofline.model_workload(WORKLOADS["w1"], GPUS["h100"])])
     row = next(line.split() for line in text.splitlines() if line.startswith("sae-fast+fused-opt"))
-    assert row[3:5] == ["-", "-"]  # not built, so no fwd+bwd of its own is printed
+    assert row[3:5] == ["-", "-"]  # one fused step: no fwd+bwd of its own is printed
 
 
 def test_printed_speedups_are_the_modelled_step_ratios():

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +237,32 @@ def test_reference_and_fused_backends_reach_the_same_fvu(tmp_path):
         fvu[backend] = summary["layers"]["encoder.layer.3"]["fvu"]
     assert fvu["reference"] < 0.5
     assert abs(fvu[FUSED] - fvu["reference"]) / fvu["reference"] < 0.01, fvu
+
+
+# ---------------------------------------------------------------------------- the fused step
+def test_fused_step_is_the_default_and_resumes_across_fused_and_unfused(tmp_path):
+    """Checkpoints hold torch.optim.Adam's state either way: a run continues across --fused-step and
+    --no-fused-step and lands where an all-fused run does (up to float rounding through Adam)."""
+    logs = []
+    common = dict(steps=30, checkpoint_every=10, keep_checkpoints=5, plot=False, dead_tokens=128)
+
+    def run(out, **kw):
+        trainer = Trainer(_tiny_cfg(tmp_path, out=str(tmp_path / out), **common, **kw))
+        trainer.log = logs.append
+        return trainer.run()
+
+    run("straight")
+    assert "step: fused (sae_fast.optim.FusedAdam)" in logs
+    want = load_file(str(tmp_path / "straight" / "sae" / "h.1" / "sae.safetensors"))
+    for first, then in ((False, True), (True, False)):
+        out = f"mixed-{first}"
+        logs.clear()
+        run(out, fused_step=first)
+        assert ("step: unfused (--no-fused-step)" in logs) != first
+        for later in list_checkpoints(tmp_path / out / "checkpoints")[1:]:  # back to step 10
+            shutil.rmtree(later)
+        run(out, fused_step=then, resume=True)
+        assert any("resuming from" in line and "step_00000010" in line for line in logs)
+        got = load_file(str(tmp_path / out / "sae" / "h.1" / "sae.safetensors"))
+        for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(got[k], want[k], atol=1e-3, rtol=1e-3, msg=f"{k}, fused {first} -> {then}")

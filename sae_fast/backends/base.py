@@ -13,6 +13,10 @@ Primitives (shapes as in reference.py; ``pre`` are pre-activations of the select
     latent_backward(idx, n, dp, xc, v, g, grad_dtype) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
         dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b];  db_enc[i] = sum dp[b,j];  dW_dec[i] = sum v[b,j] * g[b]
         in ``grad_dtype`` (fp32 gradients of master weights from 16-bit xc and g), else xc's and g's dtypes
+    fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None:
+        the training step's latent-row work in one pass (sae_fast.optim.FusedAdam): the gradient rows
+        above, the L1 and parallel-component terms, Adam and the decoder renormalisation, in place.
+        Only backends whose ``fused_step_supported`` says so; the torch backend keeps the unfused path.
 Variable-length lists are padded with (pre = -inf, idx = 0), so every activation maps padding to 0.
 bf16/fp16 inputs are computed in fp32 (scores, sums); results come back in the inputs' dtype; indices are int32.
 Weights may be fp32 beside 16-bit activations (master weights): selections come back in x's dtype,
@@ -174,3 +178,18 @@ class SparseBackend:
             dW_dec.index_add_(0, flat, acc(v).reshape(-1, 1) * ga[rows])
             dW_dec = dW_dec.to(grad_dtype or g.dtype)
         return dW_enc, db_enc, dW_dec
+
+    # ------------------------------------------------------------------ fused training step
+    def fused_step_supported(self, dtype: torch.dtype) -> bool:
+        """Whether ``fused_adam_step`` runs beside activations of ``dtype`` (fp32 weights and moments)."""
+        return False
+
+    def fused_adam_step(self, idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm):
+        """Apply one fused Adam step to W_enc, b_enc, W_dec in place (see the module docstring).
+
+        idx, pre, dp, v (B, K): the step's entries; columns >= k_main are AuxK's, whose decoder rows are
+        g[B:] (g has 2B rows then). pre == -inf marks padding (skipped). xc (B, d) = x - b_dec. d_norm (n,)
+        or None: dL/d||W_dec_i||. params (W_enc, b_enc, W_dec); moments (m, s) pairs in the same order;
+        adam (step_size, sqrt(1 - beta2^t), beta1, beta2, eps). Raises ValueError on an index outside [0, n)."""
+        raise NotImplementedError(f"the {self.name} backend has no fused training step")
+

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (ImportError here unregisters the backend)
-from ..checks import check_indices, check_select_k
+from ..checks import check_index_range, check_select_k
 from .base import INDEX_DTYPE, SparseBackend, cast_or_none, pad_rows
 
 
@@ -55,6 +55,14 @@ def _global_winners(pre: Tensor, idx: Tensor, total: int, n: int) -> Tensor:
         keys = (torch.arange(B)[:, None] * n + idx.long()).reshape(-1)[ties]
         win[ties[torch.sort(keys).indices[:need]]] = True
     return win.view(B, M)
+
+
+def _raise_if_bad(bad: int, idx: Tensor, n: int) -> None:
+    # The kernels count indices outside [0, n) before reading any row and then do nothing: a bounds check
+    # with no host read of a tensor. Only on that error path is the range read, for the message.
+    if bad:
+        check_index_range(idx, n)
+        raise ValueError(f"indices must lie in [0, n_latents={n}); {bad} entries do not")
 
 
 def _native(t: Tensor) -> bool:
@@ -215,26 +223,24 @@ class CpuBackend(SparseBackend):
     def sparse_decode(self, values, idx, W, bias=None):
         if not _native(W):
             return super().sparse_decode(values, idx, W, bias)
-        check_indices(idx, W.shape[0])  # the kernel reads W rows unchecked
         B, K = idx.shape
-        d = W.shape[1]
+        n, d = W.shape
         values, idx, Ws = _f32(values), _i32(idx), _storage(W)
         bias_f = None if bias is None else _f32(bias)
         out = torch.empty(B, d, dtype=torch.float32)
-        _C.sparse_decode(values.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16, _ptr(bias_f),
-                         out.data_ptr(), B, K, d, _threads(B * K * d))
+        _raise_if_bad(_C.sparse_decode(values.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
+                                       _ptr(bias_f), out.data_ptr(), B, K, n, d, _threads(B * K * d)), idx, n)
         return out.to(W.dtype)
 
     def gather_dot(self, g, idx, W):
         if not _native(W):
             return super().gather_dot(g, idx, W)
-        check_indices(idx, W.shape[0])
         B, K = idx.shape
-        d = W.shape[1]
+        n, d = W.shape
         g, idx, Ws = _f32(g), _i32(idx), _storage(W)
         out = torch.empty(B, K, dtype=torch.float32)
-        _C.gather_dot(g.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16, out.data_ptr(),
-                      B, K, d, _threads(B * K * d))
+        _raise_if_bad(_C.gather_dot(g.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
+                                    out.data_ptr(), B, K, n, d, _threads(B * K * d)), idx, n)
         return out.to(W.dtype)
 
     def latent_backward(self, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
@@ -242,7 +248,6 @@ class CpuBackend(SparseBackend):
         ref = xc if xc is not None else g
         if not _native(ref):
             return super().latent_backward(idx, n, dp, xc, v, g, grad_dtype)
-        check_indices(idx, n)
         d = ref.shape[1]
         idx = _i32(idx)
         # Gradients of bf16 weights are written in bf16 by the kernel (one rounding of the fp32 sums);
@@ -257,6 +262,32 @@ class CpuBackend(SparseBackend):
         if v is not None:
             v, g = _f32(v), _f32(g)
             dW_dec = torch.empty(n, d, dtype=out)
-        _C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
-                           _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16, _threads(n * d + B * K * d))
+        _raise_if_bad(_C.latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(g),
+                                         _ptr(dW_enc), _ptr(db_enc), _ptr(dW_dec), out == torch.bfloat16,
+                                         _threads(n * d + B * K * d)), idx, n)
         return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))
+
+    # ------------------------------------------------------------------ fused training step
+    def fused_step_supported(self, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32
+
+    def fused_adam_step(self, idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm):
+        W_enc, b_enc, W_dec = params
+        B, K = idx.shape
+        n, d = W_enc.shape
+        for name, t in zip(("W_enc", "b_enc", "W_dec"), params):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError(f"{name} must be a contiguous float32 tensor for the fused step; got {t.dtype}")
+        for t in moments:
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError("Adam moments must be contiguous float32 tensors for the fused step")
+        idx, pre, dp, v, xc, g = _i32(idx), _f32(pre), _f32(dp), _f32(v), _f32(xc), _f32(g)
+        d_norm = None if d_norm is None else _f32(d_norm)
+        step_size, bc2_sqrt, beta1, beta2, eps = adam
+        # Bounds are checked inside the kernel's sort (no host read of a tensor); nothing is updated if bad.
+        bad = _C.fused_adam_step(idx.data_ptr(), pre.data_ptr(), B, K, k_main, n, d, dp.data_ptr(), xc.data_ptr(),
+                                 v.data_ptr(), g.data_ptr(), _ptr(d_norm), *(t.data_ptr() for t in params),
+                                 *(t.data_ptr() for t in moments), step_size, bc2_sqrt, beta1, beta2, eps,
+                                 bool(project), bool(renorm), _threads(n * d + B * K * d))
+        _raise_if_bad(bad, idx, n)
+

@@ -104,8 +104,14 @@ class TritonBackend(SparseBackend):
         pre, idx, _, _ = self._topk_select(x, W, c, k)
         del W
         dead = dead_mask.nonzero().squeeze(1)
-        aux_pre, aux_pos, _, _ = super()._topk_acc(x, W_enc[dead], b_enc[dead], b_dec, k_aux)
-        return pre, idx, aux_pre, dead[aux_pos.long()].to(idx.dtype)
+        # Fewer dead latents than k_aux (a fixed-width AuxK list): the rest is padding (-inf, index 0).
+        m = min(k_aux, dead.numel())
+        aux_pre = pre.new_full((x.shape[0], k_aux), float("-inf"))
+        aux_idx = idx.new_zeros((x.shape[0], k_aux))
+        if m:
+            sub_pre, aux_pos, _, _ = super()._topk_acc(x, W_enc[dead], b_enc[dead], b_dec, m)
+            aux_pre[:, :m], aux_idx[:, :m] = sub_pre.to(pre.dtype), dead[aux_pos.long()].to(idx.dtype)
+        return pre, idx, aux_pre, aux_idx
 
     def threshold_select(self, x, W_enc, b_enc, b_dec, cutoff):
         if not self._native(x):
@@ -142,3 +148,15 @@ class TritonBackend(SparseBackend):
         check_indices(idx, n)
         return self._kernels("latent_backward").latent_backward(idx, n, dp, xc, v, g, grad_dtype=grad_dtype)
 
+    # ------------------------------------------------------------------ fused training step
+    def fused_step_supported(self, dtype: torch.dtype) -> bool:
+        # Proven under the interpreter only: on a GPU it is opt-in (SAE_FAST_TRITON_FUSED_STEP=1, which
+        # benchmarks/gpu_run.sh sets) until tests/test_triton_gpu.py's fused-step test has passed on one.
+        if not _interpreting() and os.environ.get("SAE_FAST_TRITON_FUSED_STEP", "0") != "1":
+            return False
+        return dtype in _FUSED_DTYPES
+
+    def fused_adam_step(self, idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm):
+        check_indices(idx, params[0].shape[0])
+        self._kernels("fused_step").fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam,
+                                                    project, renorm)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .workloads import L1_COEFF, Setup
+from .workloads import ADAM_LR, L1_COEFF, Setup
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Harness:
     renormalize: Callable[[], None]
     backend: str | None = None               # sae-fast rows: run under use_backend(backend)
     optimizer: torch.optim.Optimizer | None = None
+    step: Callable[[Tensor], Tensor] | None = None   # a whole training step in one call (FusedAdam.step_fused)
+    phases: tuple = ("fwd", "fwd_bwd", "step")       # the phases this row measures
 
 
 def _copy_params(pairs) -> None:
@@ -65,6 +67,50 @@ def sae_fast_harness(setup: Setup, backend: str) -> Harness:
         return out.x_hat, out.loss
 
     return Harness(forward, list(sae.parameters()), sae.remove_parallel_grad_, sae.normalize_decoder_, backend)
+
+
+DEAD_EVERY = 10  # the trainer-step row: every 10th latent dead, so AuxK has work
+
+
+def trainer_step_harness(setup: Setup, backend: str, fused: bool = True) -> Harness:
+    """What ``sae-fast train`` runs per step: FusedAdam.step_fused with the trainer's defaults (AuxK on with
+    k_aux = d / 2), every DEAD_EVERY-th latent kept dead; ``fused=False``: the same SAE and dead set stepped
+    as ``--no-fused-step`` does (backward, the trainer's Adam, the decoder constraints)."""
+    from ..optim import FusedAdam
+    from ..sae import SparseAutoencoder
+    w = setup.workload
+    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, l1_coeff=L1_COEFF, device=setup.device)
+    _copy_params([(sae.W_enc, setup.W_enc), (sae.b_enc, setup.b_enc),
+                  (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
+    opt = FusedAdam(sae, lr=ADAM_LR) if fused else None
+
+    def keep_dead():
+        with torch.no_grad():  # a steady dead set (latents that fire leave it): same AuxK work every call
+            sae.tokens_since_fired[::DEAD_EVERY] = sae.cfg.dead_tokens
+
+    def forward(x):
+        keep_dead()
+        out = sae(x)
+        return out.x_hat, out.loss
+
+    def step(x):
+        keep_dead()
+        return opt.step_fused(x).x_hat
+
+    return Harness(forward, list(sae.parameters()), sae.remove_parallel_grad_, sae.normalize_decoder_, backend,
+                   optimizer=opt, step=step if fused else None,
+                   phases=("fwd", "step") if fused else ("fwd", "fwd_bwd", "step"))
+
+
+def has_fused_step(backend: str, setup: Setup) -> bool:
+    from ..dispatch import lookup_backend
+    try:
+        b = lookup_backend(backend)
+    except (KeyError, ValueError):
+        return False
+    dtype = torch.bfloat16 if setup.dtype == "bf16" else torch.float32
+    supported = getattr(b, "fused_step_supported", None)
+    return supported is not None and supported(dtype)
 
 
 def sparsify_harness(setup: Setup) -> Harness:
@@ -163,6 +209,19 @@ def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Con
     for name in backends:
         out.append(Contestant(f"sae-fast [{name}]", "sae-fast", f"{ours}; use_backend({name!r})",
                               lambda s, name=name: sae_fast_harness(s, name)))
+    trainer = (f"SparseAutoencoder({w.activation!r}{l1}), AuxK on (k_aux = d/2, every {DEAD_EVERY}th latent dead)")
+    for name in backends:
+        if has_fused_step(name, setup):
+            out.append(Contestant(f"sae-fast trainer step [{name}]", "sae-fast",
+                                  f"what sae-fast train runs: FusedAdam.step_fused (encoder, latent-sorted backward, "
+                                  f"Adam, decoder constraints in one pass), {trainer}; use_backend({name!r}); "
+                                  "fwd: its forward with AuxK",
+                                  lambda s, name=name: trainer_step_harness(s, name)))
+            out.append(Contestant(f"sae-fast trainer step, unfused [{name}]", "sae-fast",
+                                  f"the same SAE and dead set as sae-fast train --no-fused-step steps it: {trainer}; "
+                                  f"backward, remove_parallel_grad_, the trainer's Adam, normalize_decoder_; "
+                                  f"use_backend({name!r})",
+                                  lambda s, name=name: trainer_step_harness(s, name, fused=False)))
     if "sparsify" in peers:
         decoder = "eager embedding_bag (SPARSIFY_DISABLE_TRITON=1)" if dev.type == "cpu" else "Triton embedding_bag"
         if os.environ.get("SPARSIFY_DISABLE_TRITON") == "1" and dev.type != "cpu":

@@ -120,8 +120,9 @@ def _title(res: Result, meta: dict) -> str:
             f"{meta['order']}")
 
 
-SAME_FOR_ALL = (f"every row: the same x and initial weights (unit decoder rows, tied encoder), torch.optim.Adam("
-                f"lr={ADAM_LR}), no AuxK (no dead-latent mask passed), fresh gradients each call.")
+SAME_FOR_ALL = (f"every row: the same x and initial weights (unit decoder rows, tied encoder), the trainer's Adam "
+                f"(lr={ADAM_LR}; torch's fused Adam where it exists, FusedAdam in the trainer-step row), no AuxK but in "
+                "the trainer-step row, fresh gradients each call.")
 
 
 def render_text(results: list[Result], meta: dict) -> str:

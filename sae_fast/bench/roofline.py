@@ -168,7 +168,7 @@ def sae_fast_kernels(s: Shape, fused_optimizer: bool = False) -> list:
     Under autocast the ops read the fp32 master weights themselves (m bytes): only the encoder tiles get a
     compute-dtype copy of W_enc, made per call; weight gathers, the backward's fp32 intermediates and the
     gradients are m bytes (no gradient is cast back); rows of x - b_dec and g stay e bytes.
-    ``fused_optimizer``: DESIGN.md's optional mode with the optimizer inside the per-latent pass (not built yet)."""
+    ``fused_optimizer``: the whole step fused (FusedAdam, DESIGN.md item 6): the optimizer inside the latent pass."""
     B, d, n, k, e, m, S = s.B, s.d, s.n, s.k, s.e, s.m, s.splits
     Bk, Bkd, BD = B * k, B * k * d, B * d
     ks = list(cast_in(s, ("W_enc",)))
@@ -225,15 +225,20 @@ def sae_fast_kernels(s: Shape, fused_optimizer: bool = False) -> list:
         ks.append(Kernel("latent-sorted backward dW_enc, db_enc, dW_dec", "bwd", 4 * Bkd, False, latent_reads,
                          {"dW_enc": n * d * m, "db_enc": n * m, "dW_dec": n * d * m}))
     else:
-        # DESIGN.md item 6: the same pass also applies the decoder-gradient projection, Adam and the decoder renorm
-        # while each latent's rows are on chip: reads and writes W_enc, W_dec, b_enc and their two Adam moments once
-        # (every row: Adam moves rows with zero gradient too); no gradient tensor is written.
+        # DESIGN.md item 6 as kernels/fused_step.py builds it (FusedAdam): pass 1 reads the entries' xc rows
+        # (and, with the projection, their g rows), applies Adam to W_enc and reads W_dec for its norm; pass 2
+        # reads the g rows again and W_dec, applies the L1 term, the projection and Adam to W_dec; a third pass
+        # renormalises W_dec (read + write, counted in full though it is mostly in L2). Every row moves (Adam
+        # moves zero-gradient rows too); no gradient tensor is written.
         P_rows = 2 * n * d + n
-        ks.append(Kernel("latent-sorted backward + projection + Adam + renorm per latent row", "bwd",
-                         4 * Bkd + 16 * P_rows, False,
-                         {**latent_reads, "params": P_rows * m, "exp_avg": P_rows * m, "exp_avg_sq": P_rows * m},
-                         {"params": P_rows * m, "exp_avg": P_rows * m, "exp_avg_sq": P_rows * m}))
-    if s.activation == "relu":
+        g_passes = 2 if s.activation == "topk" else 1
+        ks.append(Kernel("fused step pass: gradients + L1 + projection + Adam + renorm per latent row", "bwd",
+                         (2 + 2 * g_passes) * Bkd + 16 * P_rows, False,
+                         {**latent_reads, "g rows": g_passes * Bkd * e, "params": P_rows * m,
+                          "W_dec (pass 2, renorm)": 2 * n * d * m, "exp_avg": P_rows * m, "exp_avg_sq": P_rows * m},
+                         {"params": P_rows * m, "W_dec (renorm)": n * d * m, "exp_avg": P_rows * m,
+                          "exp_avg_sq": P_rows * m}))
+    if s.activation == "relu" and not fused_optimizer:
         # d/dW_dec of the L1 term: lambda * (sum_b f_i) W_dec_i / ||W_dec_i||, a pass over W_dec.
         ks.append(Kernel("L1 gradient into dW_dec", "bwd", 3 * n * d, False,
                          {"W_dec": n * d * m, "dW_dec": n * d * m}, {"dW_dec": n * d * m}))
@@ -361,8 +366,8 @@ def sparsify_kernels(s: Shape) -> list:
 ALGORITHMS = {
     "sae-fast": ("sae-fast: fused encode (split-n top-k, merge), sparse decode, gather-dot, latent-sorted backward",
                  sae_fast_kernels),
-    "sae-fast+fused-opt": ("sae-fast with the optimizer fused into the latent pass (DESIGN.md item 6; NOT BUILT YET: "
-                           "fwd+bwd is not separable, the step is what counts)",
+    "sae-fast+fused-opt": ("sae-fast's fused training step, FusedAdam (DESIGN.md item 6; kernels/fused_step.py: "
+                           "interpreter-tested, not yet timed on a GPU; fwd+bwd is not separable, the step counts)",
                            lambda s: sae_fast_kernels(s, fused_optimizer=True)),
     "saelens": ("SAELens TopKTrainingSAE (rescale_acts_by_decoder_norm=False) / StandardTrainingSAE for ReLU: "
                 "dense pre-activations + torch.topk, dense decoder, 6 GEMMs", lambda s: dense_kernels(s, False)),

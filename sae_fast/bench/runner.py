@@ -9,11 +9,15 @@ and reports the median of repeated calls:
                  rescale_acts_by_decoder_norm True and False; ``StandardTrainingSAE`` for ReLU+L1),
                  when installed; a peer that is missing or fails is a row saying so, never dropped.
                  Each also as "<peer> (patched)": its forward under ``sae_fast.integrations``' patch.
+    trainer step ``sae-fast train``'s step: ``FusedAdam.step_fused`` with the trainer's defaults (AuxK on),
+                 on every backend with a fused step (phases fwd and step only)
 Phases: ``fwd`` (the training forward: autograd on, loss computed), ``fwd+bwd`` (plus ``loss.backward()``),
-``step`` (plus the library's decoder-gradient projection if it has one, ``torch.optim.Adam``, and
-decoder-row renormalisation). Peak memory is measured in a separate call of each phase. On CPU the rows are
-timed round-robin, call by call (``--order interleaved``), so a shared machine's changing load hits all alike.
-All rows: the same x and initial weights, Adam(lr=1e-4), no AuxK (no dead-latent mask is passed).
+``step`` (plus the library's decoder-gradient projection if it has one, Adam, and decoder-row
+renormalisation; the trainer-step row: one ``step_fused`` call). Peak memory is measured in a separate call
+of each phase. On CPU the rows are timed round-robin, call by call (``--order interleaved``), so a shared
+machine's changing load hits all alike.
+All rows: the same x and initial weights, the trainer's Adam (``optim.make_adam``: torch's fused Adam where
+this build has it; FusedAdam for the trainer-step row), lr=1e-4; no AuxK but in the trainer-step row.
 
 Ratios in one run are the headline; absolute times are only meaningful on a quiet machine or a GPU.
 (`sae-fast bench --model` is roofline_report.main, dispatched by the CLI.)
@@ -29,6 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..optim import make_adam
 from .measure import MEMORY_METHOD, PHASE_TITLE, PHASES, Result, Row, error_text, measure_phase
 from .peers import Contestant, Harness, NotApplicable, contestants
 from .provenance import device_info, device_slug, git_commit, load_average, versions
@@ -45,6 +50,8 @@ def phase_call(h: Harness, phase: str, x: Tensor, setup: Setup) -> Callable[[], 
 
     def call():
         with setup.autocast():
+            if phase == "step" and h.step is not None:
+                return h.step(x)
             if phase == "fwd":
                 return h.forward(x)[0]
             zero_grads()
@@ -74,7 +81,7 @@ def build_row(c: Contestant, setup: Setup) -> tuple[Row, Harness | None]:
     row = Row(c.label, c.kind, c.settings)
     try:
         h = c.build(setup)
-        h.optimizer = torch.optim.Adam(h.params, lr=ADAM_LR)
+        h.optimizer = h.optimizer or make_adam(h.params, ADAM_LR)
         with torch.no_grad():
             x_hat = phase_call(h, "fwd", setup.x, setup)().float()
         ref = setup.x_hat_ref.float()
@@ -138,7 +145,8 @@ def run_workload(w: Workload, device: torch.device, dtype: str, backends: list[s
             rows += [row for row, _ in built]
             for phase in PHASES:
                 bar.set_postfix_str(PHASE_TITLE[phase])
-                entries = [(row, phase_call(h, phase, setup.x, setup)) for row, h in built if h is not None]
+                entries = [(row, phase_call(h, phase, setup.x, setup)) for row, h in built
+                           if h is not None and phase in h.phases]
                 measure_phase(phase, ([(floor, floor_fn)] if phase == "fwd" else []) + entries,
                               device, warmup, repeats)
             del built, entries
@@ -151,7 +159,7 @@ def run_workload(w: Workload, device: torch.device, dtype: str, backends: list[s
                 row, h = build_row(c, setup)
                 rows.append(row)
                 if h is not None:
-                    for phase in PHASES:
+                    for phase in h.phases:
                         measure_phase(phase, [(row, phase_call(h, phase, setup.x, setup))], device, warmup, repeats)
                 del h
                 if device.type == "cuda":

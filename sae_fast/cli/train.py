@@ -7,6 +7,8 @@ from pathlib import Path
 
 def _train(args) -> int:
     """Train SAEs on a model's activations (the embedded default with no arguments); print the final metrics."""
+    import torch.distributed as dist
+
     from sae_fast.train import Trainer
     from sae_fast.train.config import TrainConfig, config_from_args
     from sae_fast.train.runfolder import RunFolderBusy
@@ -22,6 +24,14 @@ def _train(args) -> int:
         text = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e  # no "[Errno 28]"
         print(f"sae-fast train: error: {text}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a peer died or stalled past --dist-timeout: say so instead of a bare trace
+        if not (isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "Connection"))):
+            raise
+        print(f"sae-fast train: error: a collective with the other ranks failed (a rank exited, was killed or "
+              f"did not answer within --dist-timeout): {str(e).splitlines()[0]}", file=sys.stderr)
+        return 3
+    if dist.is_initialized() and dist.get_rank():
+        return 0  # rank 0 prints the summary
     out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
     for layer, m in summary["layers"].items():

@@ -94,9 +94,22 @@ class TrainConfig:
     """Seed of the SAE initialisation and the data order."""
     backend: Optional[str] = None
     """Kernel backend (reference, torch, cpu, triton); default: the fastest for the device."""
+    fused_step: bool = True
+    """Run each step as one fused pass (sae_fast.optim.FusedAdam: encoder, latent-sorted backward, Adam and the
+    decoder constraints, no (n, d) gradients) where a kernel applies: grad_accum 1 on the cpu backend in fp32 or
+    the triton backend (CUDA, bf16 autocast too). Elsewhere, or with --no-fused-step: backward, torch's Adam,
+    then the decoder constraints. Same Adam state, so a run resumes across the two."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """SAE compute dtype: bf16 autocast over fp32 master weights (weights, gradients and Adam stay fp32), or
     fp32; auto: bf16 on CUDA, fp32 elsewhere. The held-out evaluation runs in fp32."""
+
+    # ---------------------------------------------------------------- past one device (under torchrun)
+    distributed: Literal["none", "data", "latent", "layers"] = "none"
+    """Under torchrun: data (every rank encodes its part of each batch; the same steps as one process), latent
+    (every rank owns n / world latents; the top-k merged across ranks), layers (every rank trains its own
+    hooked layers' SAEs); none: one process."""
+    dist_timeout: int = 1800
+    """Seconds a rank waits for the others at a collective before failing (a dead rank ends the run with an error)."""
 
     # ---------------------------------------------------------------- output
     out: str = "sae-fast-out"
@@ -122,7 +135,8 @@ class TrainConfig:
     def __post_init__(self):
         """Each value on its own (an error names the --option); the machine's side is train/preflight.py."""
         positive = ("ctx_len", "model_batch", "shard_tokens", "group_shards", "expansion", "k",
-                    "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
+                    "dead_tokens", "batch_tokens", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "dist_timeout")
         for name in positive + ("n_latents", "steps", "max_tokens"):
             v = getattr(self, name)
             if name in positive or v is not None:
@@ -153,6 +167,8 @@ class TrainConfig:
         if self.export == "sparsify" and self.activation != "topk":
             raise ValueError(f"--export sparsify needs --activation topk (sparsify stores top-k SAEs only); "
                              f"got {self.activation!r}")
+        if self.distributed not in ("none", "data", "latent", "layers"):
+            raise ValueError(f"--distributed must be none, data, latent or layers; got {self.distributed!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):

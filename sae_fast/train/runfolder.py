@@ -17,8 +17,9 @@ except ImportError:  # not on Windows: runs there are not locked
 LOCK_FILE = ".lock"
 
 # Config fields that do not change the trajectory: a run may resume with different values for these.
+# fused_step: the fused and unfused steps share the Adam state and the math (tests/test_train.py resumes across).
 FREE_ON_RESUME = {"resume", "progress", "plot", "checkpoint_every", "keep_checkpoints", "log_every", "cache_dir",
-                  "device", "out", "export"}
+                  "device", "out", "export", "fused_step", "distributed", "dist_timeout"}  # checkpoints move between world sizes
 _PATH_FIELDS = ("model", "corpus")
 
 

@@ -3,7 +3,9 @@
 Per step: ``grad_accum`` micro-batches, each layer's SAE forward/backward (losses from the module:
 TopK/BatchTopK = FVU + AuxK on dead latents; ReLU = MSE + warmed-up L1; JumpReLU = MSE + warmed-up L0),
 then for TopK/BatchTopK the decoder gradient's component parallel to each row is removed, Adam steps,
-and decoder rows are renormalised to unit norm. Everything a step depends on (weights, Adam moments,
+and decoder rows are renormalised to unit norm. With ``fused_step`` (the default) and one micro-batch,
+where a fused kernel applies, all of that is one ``FusedAdam.step_fused`` per layer (same math, same Adam
+state). Losses are summed on the device and read only at logging steps. Everything a step depends on (weights, Adam moments,
 the dead-latent counters, the data position, the RNG) is in the checkpoint, so a resumed run takes the
 same steps as one that never stopped.
 """
@@ -25,10 +27,13 @@ from ..activations import ActivationStore, collect_text, default_corpus, load_mo
 from ..activations.hooks import capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
+from ..checks import deferred_finite_checks, raise_if_nonfinite
+from ..distributed.runtime import plan_for
 from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
+from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
-from .checkpoint import list_checkpoints, newest_intact, read_manifest, restore, save_checkpoint
+from .checkpoint import list_checkpoints, newest_intact, read_manifest
 from .config import TrainConfig
 from .lm_eval import splice_eval
 from .metrics import MetricsLog, plot_curves
@@ -43,15 +48,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite; the message names the step, the layer and a likely cause."""
 
 
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, fused where this torch build has a fused kernel for the parameters' device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
-
-
 class Trainer:
     """``Trainer(TrainConfig(...)).run()`` collects (or reuses) activations, trains, and writes the run folder."""
 
@@ -61,6 +57,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.log = print
         check_backend(cfg.backend, self.device)
+        self.dist = plan_for(self)  # sae_fast.distributed's hooks; single-process ones unless --distributed
         check_folder("--out", self.out)
         if cfg.cache_dir:
             check_folder("--cache-dir", cfg.cache_dir)
@@ -136,22 +133,37 @@ class Trainer:
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
                             l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
                             dead_tokens=c.dead_tokens)
-        return SparseAutoencoder(cfg=sae_cfg, device=self.device, seed=c.seed)
+        return self.dist.make_sae(sae_cfg, self.device, c.seed)  # a shard / data-parallel wrapper when distributed
 
     def total_steps(self, n_rows: int) -> int:
         c = self.cfg
         return c.steps or max(1, math.ceil(c.epochs * n_rows / c.batch_tokens))
 
-    def _loss(self, sae: SparseAutoencoder, out, weight: float) -> torch.Tensor:
-        if sae.cfg.activation in ("relu", "jumprelu"):  # mse + warmed-up sparsity term
-            return out.mse + weight * (out.loss - out.mse)
-        return out.loss
+    def _optimizers(self, saes: dict, autocast) -> tuple[dict, bool]:
+        """One Adam per layer: FusedAdam where its fused step applies (said in the log), else make_adam's."""
+        c = self.cfg
+        mode = getattr(self.dist, "mode", "none")
+        reason = "--no-fused-step" if not c.fused_step else (
+            f"grad_accum={c.grad_accum}" if c.grad_accum > 1 else
+            # their gradients are summed across ranks (data) or their SAE is a shard wrapper (latent)
+            f"--distributed {mode}" if mode in ("data", "latent") else None)
+        if reason is None:
+            fused = {n: FusedAdam(sae, lr=c.lr) for n, sae in saes.items()}
+            with autocast:
+                probe = {n: fused[n].fused_reason(torch.zeros(1, sae.d_in, device=self.device))
+                         for n, sae in saes.items()}
+            reason = next((r for r in probe.values() if r), None)
+            if reason is None:
+                self.log("step: fused (sae_fast.optim.FusedAdam)")
+                return fused, True
+        self.log(f"step: unfused ({reason})")
+        return {n: make_adam(sae.parameters(), c.lr) for n, sae in saes.items()}, False
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         c = self.cfg
         backend = ops.use_backend(c.backend) if c.backend else contextlib.nullcontext()
-        with backend:
+        with backend, deferred_finite_checks():  # the NaN/inf check on x is read at logging steps only
             return self._run()
 
     def _run(self) -> dict:
@@ -160,7 +172,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {c.out!r} cannot be created: {e.strerror}") from None
-        with RunLock(self.out, self.log):
+        with RunLock(self.out, self.log) if self.dist.writes_files else contextlib.nullcontext():  # rank 0 holds it
             return self._run_locked()
 
     def _resume_point(self, ckpt_root: Path):
@@ -191,20 +203,24 @@ class Trainer:
         ckpt = self._resume_point(ckpt_root) if c.resume else None
         if ckpt is not None and ckpt.meta["step"] == ckpt.meta.get("total_steps") and (self.out / "summary.json").is_file():
             return self._finished(ckpt)
-        train, evals = self.load_data()
+        train, evals = self.dist.load_data(self.load_data)
         self._check_held_out(evals)
         self.check_widths(train.widths)
         layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
+        layers = self.dist.own_layers(layers)
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
         saes = {n: self._make_sae(train.widths[n]) for n in layers}
-        opts = {n: make_adam(saes[n].parameters(), c.lr) for n in layers}
+        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        opts, fused = self._optimizers(saes, autocast)
+        opts = {n: self.dist.optimizer(opt, saes[n]) for n, opt in opts.items()}  # data parallel: gradient sums
 
         step, pos = 0, 0
         sums: dict[str, dict[str, float]] = {n: {} for n in layers}  # metrics summed since the last log row
         since = 0
         if ckpt is not None:
-            meta = restore(ckpt, saes, opts)
+            meta = self.dist.restore(ckpt, saes, opts)
             step, pos = meta["step"], meta["data_position"]
             sums, since = meta["log_sums"], meta["log_since"]
             if step > total:
@@ -221,15 +237,14 @@ class Trainer:
             with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
                 for n in layers:
                     saes[n].b_dec.copy_(first[n].mean(0))
-        atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step if step else None)
+        if self.dist.writes_files:
+            atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
+        metrics = MetricsLog(self.dist.metrics_path(self.out / "metrics.jsonl"), resume_step=step if step else None)
 
         stream = train.batches(micro, seed=c.seed, start=pos, group_shards=c.group_shards, normalize=c.normalize,
                                device=self.device)
         for sae in saes.values():
             sae.train()
-        bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not c.progress, dynamic_ncols=True)
         t_log, timed = time.perf_counter(), 0  # for tokens/s: steps done in this process since the last log row
         while step < total:
@@ -239,18 +254,21 @@ class Trainer:
                 batch = next(stream)
                 pos += micro
                 for n in layers:
-                    with autocast:
-                        out = saes[n](batch[n])
-                    (self._loss(saes[n], out, weight) / c.grad_accum).backward()
+                    for group in opts[n].param_groups:
+                        group["lr"] = lr
+                    if fused:
+                        out = opts[n].step_fused(batch[n], weight)
+                    else:
+                        with autocast:
+                            out = saes[n](batch[n])
+                        (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
-                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):
-                        acc[key] = acc.get(key, 0.0) + getattr(out, key).item() / c.grad_accum
-            for n in layers:
+                    for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
+                        acc[key] = acc.get(key, 0.0) + getattr(out, key).detach().float() / c.grad_accum
+            for n in layers if not fused else ():
                 sae, opt = saes[n], opts[n]
                 if c.activation in _DECODER_UNIT_NORM:
                     sae.remove_parallel_grad_()
-                for group in opt.param_groups:
-                    group["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if c.activation in _DECODER_UNIT_NORM:
@@ -260,12 +278,13 @@ class Trainer:
             timed += 1
             bar.update(1)
             if step % c.log_every == 0 or step == total:
+                raise_if_nonfinite()
                 elapsed = time.perf_counter() - t_log
                 tok_s = timed * c.batch_tokens / max(elapsed, 1e-9)
                 rows = []
                 for n in layers:
                     row = {"step": step, "tokens": step * c.batch_tokens, "layer": n, "lr": lr,
-                           **{k: v / since for k, v in sums[n].items()},
+                           **{k: float(v) / since for k, v in sums[n].items()},
                            "dead_pct": 100.0 * float(saes[n].dead_mask.float().mean()), "tok_per_s": round(tok_s)}
                     metrics.write(row)
                     rows.append(row)
@@ -277,11 +296,12 @@ class Trainer:
                 self._check_finite(step, saes, rows, ckpt_root)
             if step % c.checkpoint_every == 0 or step == total:
                 self._check_finite(step, saes, [], ckpt_root)  # never checkpoint non-finite weights
-                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": sums,
+                log_sums = {n: {k: float(v) for k, v in row.items()} for n, row in sums.items()}
+                state = {"data_position": pos, "tokens": step * c.batch_tokens, "log_sums": log_sums,
                          "log_since": since, "total_steps": total, "config": c.to_dict()}
-                save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
+                self.dist.save_checkpoint(ckpt_root, step, state, saes, opts, scales, c.keep_checkpoints)
         bar.close()
-        return self._finish(saes, evals, scales, step, total)
+        return self.dist.finish(self._finish, saes, evals, scales, step, total)
 
     def _check_finite(self, step: int, saes: dict, rows: list, ckpt_root: Path) -> None:
         """Stop at the first non-finite loss or weight (checked at logging and checkpoint steps only: one

@@ -1,0 +1,124 @@
+// The latent-sorted structure shared by the backward (sparse_ops.cpp) and the fused training step
+// (fused_step.cpp): a stable counting sort of a batch's entries by latent, then one thread per latent
+// reduces that latent's entries in entry order. Every sum has one order, whatever the thread count.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace sae_fast {
+namespace detail {
+
+// bf16 storage: widened to fp32 on load, rounded to nearest even on store (as torch's .to(bfloat16)).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void narrow(float v, float& out) { out = v; }
+inline void narrow(float v, uint16_t& out) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  out = (v != v) ? static_cast<uint16_t>((u >> 16) | 0x40) : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// Number of indices outside [0, n): kernels check before they read a row, with no host read of a tensor.
+inline int64_t count_out_of_range(const int32_t* idx, int64_t E, int64_t n) {
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t e = 0; e < E; ++e) bad += (idx[e] < 0) | (idx[e] >= n);
+  return bad;
+}
+
+// Stable counting sort of the E entries by latent: start (n+1) and entry ids in (latent, entry) order.
+// A stable sort has one answer, so splitting the histogram over threads changes nothing. With `pre`,
+// padding entries (pre == -inf: no gradient by definition) are left out, so list padding (index 0)
+// does not pile onto one latent; with `dp` and/or `v`, so are entries whose given coefficients are all
+// exactly zero (they add exactly nothing to finite rows). Returns the number of entries whose index is outside [0, n); those
+// are left out too (the caller raises), so no kernel reads out of bounds.
+inline int64_t sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int threads, std::vector<int64_t>& start,
+                              std::vector<int64_t>& entry, const float* pre = nullptr,
+                              const float* dp = nullptr, const float* v = nullptr) {
+  const int T = std::max<int64_t>(1, std::min<int64_t>(threads, E / 4096 + 1));
+  std::vector<int64_t> hist(static_cast<size_t>(T) * (n + 1), 0);
+  std::vector<int64_t> bad(T, 0);
+  start.assign(n + 1, 0);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const bool coefs = dp || v;
+  auto keep = [&](int64_t e) {
+    if (pre && pre[e] == neg_inf) return false;
+    return !coefs || (dp && dp[e] != 0.f) || (v && v[e] != 0.f);
+  };
+  auto in_range = [&](int64_t e) { return idx[e] >= 0 && idx[e] < n; };
+#pragma omp parallel num_threads(T)
+  {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      int64_t* h = hist.data() + t * (n + 1);
+      for (int64_t e = t * E / T, end = (t + 1) * E / T; e < end; ++e) {
+        if (!in_range(e)) ++bad[t];
+        else if (keep(e)) ++h[idx[e]];
+      }
+    }
+#pragma omp single
+    {
+      int64_t run = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        start[i] = run;
+        for (int t = 0; t < T; ++t) {
+          int64_t& h = hist[t * (n + 1) + i];
+          const int64_t c = h;
+          h = run;  // becomes this chunk's next write position for latent i
+          run += c;
+        }
+      }
+      start[n] = run;
+      entry.resize(run);
+    }
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      int64_t* h = hist.data() + t * (n + 1);
+      for (int64_t e = t * E / T, end = (t + 1) * E / T; e < end; ++e)
+        if (in_range(e) && keep(e)) entry[h[idx[e]]++] = e;
+    }
+  }
+  int64_t total_bad = 0;
+  for (int t = 0; t < T; ++t) total_bad += bad[t];
+  return total_bad;
+}
+
+// out = sum over the latent's entries s of coef[s] * rows[roff[s]], reduced in entry order, written
+// once per block of D columns (accumulators stay in registers; no memset, no read-modify-write).
+template <int D, typename O>
+inline void reduce_block(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t c0,
+                         O* out) {
+  float acc[D] = {};
+  for (int64_t s = 0; s < cnt; ++s) {
+    const float a = coef[s];
+    const float* r = rows + roff[s] + c0;
+#pragma omp simd
+    for (int c = 0; c < D; ++c) acc[c] += a * r[c];
+  }
+#pragma omp simd
+  for (int c = 0; c < D; ++c) narrow(acc[c], out[c0 + c]);
+}
+
+template <typename O>
+inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out) {
+  constexpr int D = 64;
+  int64_t c0 = 0;
+  for (; c0 + D <= d; c0 += D) reduce_block<D>(roff, coef, cnt, rows, c0, out);
+  for (; c0 < d; ++c0) {
+    float acc = 0.f;
+    for (int64_t s = 0; s < cnt; ++s) acc += coef[s] * rows[roff[s] + c0];
+    narrow(acc, out[c0]);
+  }
+}
+
+}  // namespace detail
+}  // namespace sae_fast
