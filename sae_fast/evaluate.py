@@ -32,17 +32,13 @@ from tqdm import tqdm
 from .activations.corpus import window_batches
 from .activations.hooks import first_tensor, resolve_layers
 from .activations.sinks import DEFAULT_SINK_FACTOR, sink_mask
+from .steer import _replace_first
 
 
 def is_causal_lm(model) -> bool:
     """Whether ``model`` predicts next tokens (a ...ForCausalLM with an LM head)."""
     can = getattr(model, "can_generate", None)
     return bool(callable(can) and can())
-
-
-def _replace_first(output, new: Tensor):
-    from .steer import _replace_first as replace
-    return replace(output, new)
 
 
 class _Splice:

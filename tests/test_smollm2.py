@@ -69,3 +69,7 @@ def test_train_smollm2_records_model_and_hook(smollm2, tmp_path):
     assert list(summary["layers"]) == ["layers.15"]
     saved = json.loads((tmp_path / "run" / "sae" / "layers.15" / "cfg.json").read_text())
     assert saved["model"] == "smollm2" and saved["hook"] == "layers.15" and saved["d_in"] == 576
+    m = summary["layers"]["layers.15"]["spliced"]  # the end-of-run evaluation, spliced into the real model
+    assert m["ce_clean"] <= m["ce_spliced"] <= m["ce_zero"] and m["kl"] > 0 and m["l0"] == 8
+    assert m["fvu"] == pytest.approx(summary["layers"]["layers.15"]["fvu"], rel=1e-4)  # the same held-out tokens
+    assert (tmp_path / "run" / "sae" / "layers.15" / "eval.json").is_file()

@@ -91,3 +91,11 @@ def test_steer_cli_refuses_bad_input_clearly(tmp_path, capsys, argv, message):
     save_sae(SparseAutoencoder(576, 64, "topk", k=4, seed=0), folder, metadata={"model": "smollm2", "hook": "layers.15"})
     assert main(["steer", "--sae", str(folder), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_steer_cli_refuses_an_sae_recorded_on_the_embedded_encoder(tmp_path, capsys):
+    folder = tmp_path / "sae"
+    save_sae(SparseAutoencoder(384, 64, "topk", k=4, seed=0), folder,
+             metadata={"model": "minilm", "hook": "encoder.layer.3"})
+    assert main(["steer", "--sae", str(folder), "--latent", "1"]) == 2
+    assert "not a causal language model" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def check_causal_lm(name) -> None:
     try:
         import transformers
 
-        cfg = transformers.AutoConfig.from_pretrained(str(default_model_path() if name is None else name),
+        cfg = transformers.AutoConfig.from_pretrained(str(default_model_path() if name in (None, "minilm") else name),
                                                       local_files_only=True)
     except (OSError, ValueError, ImportError):
         return  # load_model gives the clear error for a model it cannot find
