@@ -270,12 +270,16 @@ def test_fused_step_is_the_default_and_resumes_across_fused_and_unfused(tmp_path
 
 # ---------------------------------------------------------------------------- Matryoshka
 def test_matryoshka_trains_and_reports_each_prefix(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
-    assert parser.parse_args(["--matryoshka", "8,24,64"]).matryoshka == "8,24,64"
     cfg = _tiny_cfg(tmp_path, matryoshka="8,24,64", steps=40, plot=False)
     assert cfg.matryoshka_widths == [8, 24, 64]
-    summary = Trainer(cfg).run()["layers"]["h.1"]
+    flags = ["--model", cfg.model, "--layer", "h.1", "--corpus", cfg.corpus, "--ctx-len", "64", "--max-tokens", "3000",
+             "--eval-tokens", "256", "--n-latents", "64", "--k", "4", "--batch-tokens", "64", "--steps", "40",
+             "--lr", "1e-2", "--out", cfg.out, "--no-progress", "--no-plot", "--matryoshka", "8,24,64"]
+    assert main(["train", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "step: unfused (a Matryoshka SAE's prefix losses are not in the fused step)" in printed
+    assert "FVU of each Matryoshka prefix: 8 latents " in printed
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())["layers"]["h.1"]
     p = summary["prefix_fvu"]
     assert list(p) == ["8", "24", "64"] and p["64"] == pytest.approx(summary["fvu"], rel=1e-5)
     assert p["8"] > p["24"] > p["64"] > 0
