@@ -1,7 +1,7 @@
 """Matryoshka SAEs (sae_fast/matryoshka.py) against reference.py: prefix reconstructions, loss, every gradient."""
 import pytest
 import torch
-from helpers import CPU_BACKENDS
+from helpers import CPU_BACKENDS, INTERPRETED_TRITON
 from torch.autograd import gradcheck
 
 import sae_fast
@@ -10,7 +10,7 @@ from sae_fast import reference as R
 from sae_fast.matryoshka import prefix_reconstructions
 from sae_fast.optim import FusedAdam
 
-BACKENDS = ["reference", *CPU_BACKENDS]
+BACKENDS = ["reference", *CPU_BACKENDS, *INTERPRETED_TRITON]  # triton: by its interpreter here
 WIDTHS = [5, 13, 30, 48]  # odd group sizes 5, 8, 17, 18
 
 
@@ -97,7 +97,7 @@ def test_sae_loss_and_every_gradient_match_reference(backend, act):
         torch.testing.assert_close(g, g_ref, atol=1e-4 * (g_ref.abs().max().item() + 1), rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, *INTERPRETED_TRITON])
 def test_auxk_on_the_full_residual_matches_the_reference_backend(backend):
     x = _data()
 
