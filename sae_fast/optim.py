@@ -108,6 +108,8 @@ class FusedAdam(torch.optim.Adam):
     def fused_reason(self, x: Tensor) -> str | None:
         """Why ``step_fused(x)`` would run the unfused step, or None when it runs fused."""
         sae = self.sae
+        if sae.cfg.matryoshka is not None:
+            return "a Matryoshka SAE's prefix losses are not in the fused step"
         backend = get_backend(x.device)
         dtype = _compute_dtype(x)
         supported = getattr(backend, "fused_step_supported", None)  # the reference backend has no primitives
@@ -151,7 +153,7 @@ class FusedAdam(torch.optim.Adam):
         self.zero_grad(set_to_none=True)
         if self.unit_norm_decoder:
             sae.normalize_decoder_()
-        return SAEOutput(*(o.detach() for o in out))
+        return SAEOutput(*(None if o is None else o.detach() for o in out))
 
     def _adam_scalars(self) -> tuple[float, float, float, float, float]:
         group = self.param_groups[0]

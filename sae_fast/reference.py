@@ -21,6 +21,18 @@ Activations:
     relu       f = relu(p), trained with lambda * sum_i f_i * ||W_dec_i|| (decoder-norm-weighted L1).
     jumprelu   f = p * (p > theta_i); theta gets gradients through a straight-through estimator
                with a rectangle kernel of width ``bandwidth`` (Rajamanoharan et al., 2024).
+
+Matryoshka (Bussmann et al., 2025, arXiv:2503.17547), on topk or batchtopk codes:
+    ``matryoshka = [m_1, ..., m_G]`` are cumulative prefix widths, 0 < m_1 < ... < m_G = n: SAELens'
+    ``MatryoshkaBatchTopKTrainingSAEConfig.matryoshka_widths`` convention. (dictionary_learning's
+    ``MatryoshkaBatchTopKSAE(group_sizes=...)`` gives the per-group sizes instead: its group_sizes are
+    our m_i - m_{i-1}.) Prefix i reconstructs with the latents j < m_i only:
+        x_hat_i = sum_{j: indices[:, j] < m_i} values[:, j] * W_dec[indices[:, j]] + b_dec
+    and the loss is the SUM over prefixes of their FVUs, ``sum_i fvu(x_hat_i, x)``, plus AuxK on the full
+    residual x - x_hat_G. SAELens sums the prefixes' MSEs the same way (its outer prefix is the plain loss,
+    the inner ones are added); FVU is that MSE over the variance of x, the same constant for every prefix,
+    so this is SAELens' objective rescaled exactly as our plain TopK loss is. (dictionary_learning weights
+    the groups 1/G, a rescaling of the same sum.) The latents a code picks do not depend on the prefixes.
 """
 from __future__ import annotations
 
@@ -170,6 +182,20 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     """x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]] (+ b_dec)."""
     out = (values.unsqueeze(-1) * W_dec[indices.long()]).sum(-2)
     return out if b_dec is None else out + b_dec
+
+
+def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                      widths: list[int]) -> Tensor:
+    """(G, B, d): every prefix's reconstruction x_hat_i, each decoded afresh from the entries below m_i."""
+    return torch.stack([sparse_decode(torch.where(indices < m, values, 0.0), indices, W_dec, b_dec)
+                        for m in widths])
+
+
+def matryoshka_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                    widths: list[int]) -> tuple[Tensor, Tensor]:
+    """(sum_i fvu(x_hat_i, x), (G,) the FVU of each prefix); add AuxK on x - x_hat_G to train."""
+    prefix = torch.stack([fvu(x_hat, x) for x_hat in matryoshka_decode(values, indices, W_dec, b_dec, widths)])
+    return prefix.sum(), prefix
 
 
 # ----------------------------------------------------------------------------- losses

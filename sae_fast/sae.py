@@ -38,6 +38,7 @@ from .folders import (
     take,
     write_weights_and_config,
 )
+from .matryoshka import check_widths, prefix_reconstructions
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
@@ -70,6 +71,9 @@ class SAEConfig:
     """AuxK: weight of the auxiliary loss."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead."""
+    matryoshka: Optional[list[int]] = None
+    """topk/batchtopk: cumulative prefix widths [m_1, ..., n] (SAELens' matryoshka_widths); the loss sums
+    every prefix's FVU (see reference.py). None: a plain SAE."""
 
     def __post_init__(self):
         # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
@@ -100,6 +104,8 @@ class SAEConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
             raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
+        if self.matryoshka is not None:
+            self.matryoshka = check_widths(self.matryoshka, self.n_latents, self.activation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +126,7 @@ class SAEOutput(NamedTuple):
     aux_loss: Tensor   # AuxK loss (0 when unused)
     l1: Tensor         # decoder-norm-weighted L1 per token
     l0: Tensor         # mean active latents per token
+    prefix_fvu: Optional[Tensor] = None  # (G,) FVU of each Matryoshka prefix (None for a plain SAE)
 
 
 class SparseAutoencoder(nn.Module):
@@ -255,7 +262,12 @@ class SparseAutoencoder(nn.Module):
         fvu = reference.fvu(x_hat_f, xf)
         l1 = ops.decoder_norm_l1(values, indices, W_dec)
         l0 = (values > 0).sum(-1).float().mean()
-        if cfg.activation in ("topk", "batchtopk"):
+        prefix_fvu = None
+        if cfg.matryoshka is not None:
+            prefixes = prefix_reconstructions(values, indices, W_dec, b_dec, cfg.matryoshka, x_hat)
+            prefix_fvu = torch.stack([reference.fvu(p.float(), xf) for p in prefixes[:-1]] + [fvu])
+            loss = prefix_fvu.sum() + cfg.aux_coeff * aux_loss
+        elif cfg.activation in ("topk", "batchtopk"):
             loss = fvu + cfg.aux_coeff * aux_loss
         elif cfg.activation == "relu":
             loss = mse + cfg.l1_coeff * l1
@@ -265,7 +277,7 @@ class SparseAutoencoder(nn.Module):
         if self.training:
             self._update_training_state(values, indices)
         return SAEOutput(x_hat.reshape(*lead, self.d_in), values.reshape(*lead, -1), indices.reshape(*lead, -1),
-                         loss, mse, fvu, aux_loss, l1, l0)
+                         loss, mse, fvu, aux_loss, l1, l0, prefix_fvu)
 
     @torch.no_grad()
     def _update_training_state(self, values: Tensor, indices: Tensor) -> None:

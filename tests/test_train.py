@@ -266,3 +266,40 @@ def test_fused_step_is_the_default_and_resumes_across_fused_and_unfused(tmp_path
         got = load_file(str(tmp_path / out / "sae" / "h.1" / "sae.safetensors"))
         for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
             torch.testing.assert_close(got[k], want[k], atol=1e-3, rtol=1e-3, msg=f"{k}, fused {first} -> {then}")
+
+
+# ---------------------------------------------------------------------------- Matryoshka
+def test_matryoshka_trains_and_reports_each_prefix(tmp_path, capsys):
+    cfg = _tiny_cfg(tmp_path, matryoshka="8,24,64", steps=40, plot=False)
+    assert cfg.matryoshka_widths == [8, 24, 64]
+    flags = ["--model", cfg.model, "--layer", "h.1", "--corpus", cfg.corpus, "--ctx-len", "64", "--max-tokens", "3000",
+             "--eval-tokens", "256", "--n-latents", "64", "--k", "4", "--batch-tokens", "64", "--steps", "40",
+             "--lr", "1e-2", "--out", cfg.out, "--no-progress", "--no-plot", "--matryoshka", "8,24,64"]
+    assert main(["train", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "step: unfused (a Matryoshka SAE's prefix losses are not in the fused step)" in printed
+    assert "FVU of each Matryoshka prefix: 8 latents " in printed
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())["layers"]["h.1"]
+    p = summary["prefix_fvu"]
+    assert list(p) == ["8", "24", "64"] and p["64"] == pytest.approx(summary["fvu"], rel=1e-5)
+    assert p["8"] > p["24"] > p["64"] > 0
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > r["fvu"] for r in rows)  # the inner prefixes' FVUs are in the loss
+    assert SparseAutoencoder.load(Path(cfg.out) / "sae" / "h.1").cfg.matryoshka == [8, 24, 64]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(matryoshka="8,x"), "comma-separated integers"),
+    (dict(matryoshka="24,8,64"), "strictly increasing"),
+    (dict(matryoshka="8,32", n_latents=64), "last width must be --n-latents 64"),
+    (dict(matryoshka="8,64", activation="relu"), "needs --activation topk or batchtopk"),
+    (dict(matryoshka="8,64", distributed="data"), "does not run under --distributed data"),
+])
+def test_matryoshka_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_matryoshka_width_against_the_layer(tmp_path):
+    with pytest.raises(ValueError, match="last width must be the 256 latents of layer 'h.1'"):
+        Trainer(_tiny_cfg(tmp_path, n_latents=None, expansion=8, matryoshka="8,64", plot=False)).run()

@@ -38,6 +38,8 @@ def _train(args) -> int:
         held = f"on {m['eval_tokens']:,} held-out tokens: " if "fvu" in m else ""
         fvu = f"FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, " if "fvu" in m else ""
         print(f"{layer} ({m['n_latents']} latents, d={m['d_in']}): final {held}{fvu}dead {m['dead_pct']:.1f}%")
+        if "prefix_fvu" in m:
+            print("  FVU of each Matryoshka prefix: " + ", ".join(f"{w} latents {v:.4f}" for w, v in m["prefix_fvu"].items()))
         if "spliced" in m:  # a causal LM: the SAE spliced into it (sae_fast.evaluate)
             from sae_fast.evaluate import describe
             print(describe(m["spliced"]) + f"\n(numbers: {out}/sae/{layer}/eval.json)")

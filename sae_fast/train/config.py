@@ -72,6 +72,10 @@ class TrainConfig:
     """AuxK: weight of the auxiliary loss."""
     dead_tokens: int = 100_000
     """A latent that has not fired for this many training tokens counts as dead (the dead fraction and AuxK)."""
+    matryoshka: Optional[str] = None
+    """topk, batchtopk: train a Matryoshka SAE with these cumulative prefix widths, comma-separated, the last =
+    the number of latents (e.g. 128,512,3072; SAELens' matryoshka_widths). The loss sums every prefix's FVU; the
+    final metrics give each prefix's held-out FVU. The step runs unfused."""
 
     # ---------------------------------------------------------------- optimisation
     lr: float = 1e-3
@@ -169,6 +173,8 @@ class TrainConfig:
                              f"got {self.activation!r}")
         if self.distributed not in ("none", "data", "latent", "layers"):
             raise ValueError(f"--distributed must be none, data, latent or layers; got {self.distributed!r}")
+        if self.matryoshka is not None:
+            _ = self.matryoshka_widths  # parses and checks it
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
@@ -177,6 +183,27 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise ValueError(f"{_flag(name)} must be a non-empty string; got {v!r}")
+
+    @property
+    def matryoshka_widths(self) -> Optional[list[int]]:
+        """--matryoshka as a list of ints (checked here except against the layer's number of latents), or None."""
+        if self.matryoshka is None:
+            return None
+        if self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"--matryoshka needs --activation topk or batchtopk; got {self.activation!r}")
+        if self.distributed in ("data", "latent"):
+            raise ValueError(f"--matryoshka does not run under --distributed {self.distributed} yet")
+        try:
+            m = self.matryoshka
+            widths = [int(w) for w in (m.split(",") if isinstance(m, str) else m)]  # a list from Python too
+        except (TypeError, ValueError):
+            raise ValueError(f"--matryoshka must be comma-separated integers such as 128,512,3072; "
+                             f"got {self.matryoshka!r}") from None
+        if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
+            raise ValueError(f"--matryoshka widths must be positive and strictly increasing; got {self.matryoshka!r}")
+        if self.n_latents is not None and widths[-1] != self.n_latents:
+            raise ValueError(f"--matryoshka's last width must be --n-latents {self.n_latents}; got {self.matryoshka!r}")
+        return widths
 
     @property
     def token_budget(self) -> int:

@@ -31,6 +31,7 @@ from ..checks import deferred_finite_checks, raise_if_nonfinite
 from ..distributed.runtime import plan_for
 from ..folders import atomic_write_text, disk_full_error, is_disk_full
 from ..io import save_sae, save_saelens, save_sparsify
+from ..matryoshka import prefix_reconstructions
 from ..optim import FusedAdam, make_adam, training_loss
 from ..sae import SAEConfig, SparseAutoencoder
 from .checkpoint import list_checkpoints, newest_intact, read_manifest
@@ -127,12 +128,15 @@ class Trainer:
             if c.activation in ("topk", "batchtopk") and c.k > n_latents:
                 raise ValueError(f"--k {c.k} is more than the {n_latents} latents of layer {n!r} "
                                  f"(--expansion {c.expansion} x width {d}); lower --k or raise --expansion/--n-latents")
+            if c.matryoshka is not None and c.matryoshka_widths[-1] != n_latents:
+                raise ValueError(f"--matryoshka's last width must be the {n_latents} latents of layer {n!r} "
+                                 f"(--expansion {c.expansion} x width {d}); got {c.matryoshka!r}")
 
     def _make_sae(self, d: int) -> SparseAutoencoder:
         c = self.cfg
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
                             l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
-                            dead_tokens=c.dead_tokens)
+                            dead_tokens=c.dead_tokens, matryoshka=c.matryoshka_widths)
         return self.dist.make_sae(sae_cfg, self.device, c.seed)  # a shard / data-parallel wrapper when distributed
 
     def total_steps(self, n_rows: int) -> int:
@@ -334,18 +338,27 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and outputs
     @torch.no_grad()
     def evaluate(self, sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
-        """FVU over the whole held-out set (one variance, not a mean of batch FVUs) and mean L0."""
+        """FVU over the whole held-out set (one variance, not a mean of batch FVUs) and mean L0; for a Matryoshka
+        SAE also each prefix's FVU, ``prefix_fvu`` {width: FVU}."""
         was_training = sae.training
         sae.eval()
         err = l0 = 0.0
+        widths = sae.cfg.matryoshka
+        prefix_err = torch.zeros(len(widths or ()), dtype=torch.float64)
         for s in range(0, x.shape[0], batch):
             xb = x[s:s + batch]
             out = sae(xb)
             err += float((out.x_hat.float() - xb).pow(2).sum())
             l0 += float((out.values > 0).sum())
+            if widths:
+                p = prefix_reconstructions(out.values, out.indices, sae.W_dec, sae.b_dec, widths, out.x_hat)
+                prefix_err += (p.float() - xb).pow(2).sum((1, 2)).double().cpu()
         sae.train(was_training)
-        var = float((x - x.mean(0)).pow(2).sum())
-        return {"fvu": err / max(var, 1e-30), "l0": l0 / x.shape[0]}
+        var = max(float((x - x.mean(0)).pow(2).sum()), 1e-30)
+        result = {"fvu": err / var, "l0": l0 / x.shape[0]}
+        if widths:
+            result["prefix_fvu"] = {str(m): float(e) / var for m, e in zip(widths, prefix_err)}
+        return result
 
     def _export(self, saes: dict, scales: dict) -> None:
         c = self.cfg
