@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -96,10 +97,21 @@ def _steps_worker(rank, init_file):
     _compare_runs(DataParallelSAE, lambda x, r: x.chunk(WORLD)[r])
     with pytest.raises(ValueError, match="ranks \\[1\\] were started with a different"):
         check_same_config({"n_latents": 32 + rank})
+    dist.barrier()
+    dist.destroy_process_group()
+    open(f"{init_file}.done{rank}", "w").close()  # every check above passed on this rank
 
 
 def test_latent_sharded_and_data_parallel_steps_equal_one_process(tmp_path):
-    _spawn(_steps_worker, tmp_path)
+    try:
+        _spawn(_steps_worker, tmp_path)
+    except mp.ProcessExitedException as e:
+        # gloo sometimes aborts a process at interpreter exit ("terminate called without an active
+        # exception", about 1 run in 10 here) after the worker finished; only an abort before it is a failure.
+        done = all((tmp_path / f"pg.done{r}").exists() for r in range(WORLD))
+        if not (e.signal_name == "SIGABRT" and done):
+            raise
+        warnings.warn(f"a gloo worker aborted at exit after passing every check: {e}", stacklevel=1)
 
 
 def test_clear_errors_for_shapes_the_world_cannot_split():

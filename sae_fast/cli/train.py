@@ -30,8 +30,12 @@ def _train(args) -> int:
         print(f"sae-fast train: error: a collective with the other ranks failed (a rank exited, was killed or "
               f"did not answer within --dist-timeout): {str(e).splitlines()[0]}", file=sys.stderr)
         return 3
-    if dist.is_initialized() and dist.get_rank():
-        return 0  # rank 0 prints the summary
+    if dist.is_initialized():  # under torchrun: leave the group together, else gloo can abort at exit (SIGABRT)
+        rank = dist.get_rank()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank:
+            return 0  # rank 0 prints the summary
     out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
     for layer, m in summary["layers"].items():
