@@ -5,7 +5,7 @@ import copy
 import dataclasses
 import os
 import shutil
-import warnings
+import sys
 
 import pytest
 import torch
@@ -97,21 +97,22 @@ def _steps_worker(rank, init_file):
     _compare_runs(DataParallelSAE, lambda x, r: x.chunk(WORLD)[r])
     with pytest.raises(ValueError, match="ranks \\[1\\] were started with a different"):
         check_same_config({"n_latents": 32 + rank})
+    _leave(rank)
+
+
+def _leave(rank):
+    """Leave the group together, then exit without interpreter teardown: torch's gloo backend aborts about
+    1 process exit in 10 there (SIGABRT, "terminate called without an active exception"), after every
+    check passed (the same exit as `sae-fast train` under torchrun)."""
     dist.barrier()
     dist.destroy_process_group()
-    open(f"{init_file}.done{rank}", "w").close()  # every check above passed on this rank
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_latent_sharded_and_data_parallel_steps_equal_one_process(tmp_path):
-    try:
-        _spawn(_steps_worker, tmp_path)
-    except mp.ProcessExitedException as e:
-        # gloo sometimes aborts a process at interpreter exit ("terminate called without an active
-        # exception", about 1 run in 10 here) after the worker finished; only an abort before it is a failure.
-        done = all((tmp_path / f"pg.done{r}").exists() for r in range(WORLD))
-        if not (e.signal_name == "SIGABRT" and done):
-            raise
-        warnings.warn(f"a gloo worker aborted at exit after passing every check: {e}", stacklevel=1)
+    _spawn(_steps_worker, tmp_path)
 
 
 def test_clear_errors_for_shapes_the_world_cannot_split():
@@ -154,7 +155,7 @@ def _trainer_worker(rank, init_file, tmp_path, port):
                       l1_coeff=0.05)).run()
     Trainer(_tiny_cfg(tmp_path, distributed="layers", layer="h.0,h.1", out=str(tmp_path / "layers"),
                       cache_dir=str(tmp_path / "cache2"))).run()
-    dist.destroy_process_group()
+    _leave(rank)
 
 
 def _free_port() -> int:

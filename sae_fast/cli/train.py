@@ -1,6 +1,7 @@
 """`sae-fast train`: SAEs on a model's activations (the embedded default with no arguments)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,12 +31,21 @@ def _train(args) -> int:
         print(f"sae-fast train: error: a collective with the other ranks failed (a rank exited, was killed or "
               f"did not answer within --dist-timeout): {str(e).splitlines()[0]}", file=sys.stderr)
         return 3
-    if dist.is_initialized():  # under torchrun: leave the group together, else gloo can abort at exit (SIGABRT)
-        rank = dist.get_rank()
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank:
-            return 0  # rank 0 prints the summary
+    if not dist.is_initialized():
+        return _report(cfg, summary)
+    # Under torchrun: leave the group together. Even then torch's gloo backend aborts about 1 process exit
+    # in 10 at interpreter teardown (SIGABRT, "terminate called without an active exception"), which
+    # torchrun reports as a failed run; so a finished rank flushes and exits without that teardown.
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    code = 0 if rank else _report(cfg, summary)  # rank 0 prints the summary
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _report(cfg, summary) -> int:
     out = Path(cfg.out)
     print(f"\ntrained {summary['steps']} steps ({summary['tokens']:,} tokens) with the {summary['backend']} backend")
     for layer, m in summary["layers"].items():
