@@ -183,7 +183,7 @@ class SparseAutoencoder(nn.Module):
         more tokens: the counters grow by at most the tokens seen, so a latent dead by then counts at least
         dead_tokens * 3/4 now. One host read per such horizon (the triton backend sizes AuxK's dead rows with
         it, and checks it on the device)."""
-        if self._dead_budget < 0:
+        if getattr(self, "_dead_budget", -1) < 0:  # (a module pickled before this attribute: none)
             horizon = max(1, self.cfg.dead_tokens // 4)
             self._dead_bound = int((self.tokens_since_fired >= self.cfg.dead_tokens - horizon).sum())
             self._dead_budget = horizon
@@ -305,7 +305,7 @@ class SparseAutoencoder(nn.Module):
         hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
             0, indices.reshape(-1).long(), active.reshape(-1).to(self.tokens_since_fired.dtype))
         self.tokens_since_fired.copy_(torch.where(hits > 0, 0, self.tokens_since_fired + values.shape[0]))
-        self._dead_budget -= values.shape[0]
+        self._dead_budget = getattr(self, "_dead_budget", -1) - values.shape[0]
         if self.cfg.activation == "batchtopk":
             # EMA of the smallest kept activation: the inference threshold (unchanged by a batch with none)
             m = torch.where(active, values, float("inf")).amin().float()

@@ -180,3 +180,26 @@ def test_deferred_finite_check_reports_at_the_next_read():
                 opt.step_fused(torch.randn(4, 8))
                 raise_if_nonfinite()  # nothing yet
                 opt.step_fused(bad)
+
+
+def test_dead_bound_holds_over_its_horizon_and_reads_once_per_horizon(monkeypatch):
+    """SparseAutoencoder.dead_bound (AuxK's dead-row block size on the triton backend): never below the
+    dead count while the counters advance, and re-read only when a quarter of dead_tokens has passed."""
+    sae = SparseAutoencoder(8, 200, "topk", k=2, dead_tokens=400, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sae.tokens_since_fired.copy_(torch.randint(0, 500, (200,), generator=g))
+    reads = []
+    original = SparseAutoencoder.dead_bound
+
+    def counting(self):
+        before = getattr(self, "_dead_budget", -1)
+        if before < 0:
+            reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(SparseAutoencoder, "dead_bound", counting)
+    for _ in range(40):  # 40 steps of 10 tokens: 400 tokens, horizons of 100
+        assert sae.dead_bound() >= int(sae.dead_mask.sum())
+        fired = torch.randint(0, 200, (10, 2), generator=g)
+        sae._update_training_state(torch.rand(10, 2, generator=g) * (torch.rand(10, 2, generator=g) < 0.2), fired)
+    assert len(reads) == 4
