@@ -318,7 +318,10 @@ def markdown(rows: list[dict], command: str) -> str:
             f"launcher picks for the target's SM count. bf16 is autocast over fp32 master weights. W4: ReLU, code "
             f"padded to {W4_MAX_ROW}; the bf16 top-k encoder also appears with a fused AuxK list of {AUX_K}, and "
             f"every bf16 encoder launch once more with the fp32 W_enc read by the tiles (master_in_kernel); the "
-            f"bf16 encoders also as GEMM + scan (chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed).\n\n"
+            f"bf16 encoders also as GEMM + scan (chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed); the "
+            f"fused training step (`_fused_adam_kernel`, FusedAdam) beside the latent-sorted backward it replaces. "
+            f"AuxK at the trainer's default k_aux = d/2 is no Triton launch (a GEMM over dead rows: cuBLAS and "
+            f"torch.topk).\n\n"
             + head + body)
 
 
