@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import reference as R
-from .checks import check_encoder
+from .checks import check_encoder, dead_bound
 from .dispatch import get_backend
 from .ops import _SparseDecode, gather_latents
 from .sae import SAEOutput, SparseAutoencoder
@@ -183,7 +183,8 @@ class FusedAdam(torch.optim.Adam):
             dead = sae.dead_mask if k_aux else None
             theta = sae.log_threshold.exp() if act == "jumprelu" else None
             if act == "topk":
-                pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, cfg.k, dead, k_aux)
+                with dead_bound(sae.dead_bound if k_aux else None):
+                    pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, cfg.k, dead, k_aux)
             elif act == "batchtopk":
                 pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, cfg.k)
             elif act == "relu":

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import folders, ops, reference
+from .checks import dead_bound
 from .folders import (
     CONFIG_FILE,
     FolderFormat,
@@ -157,6 +158,7 @@ class SparseAutoencoder(nn.Module):
         # Training state: tokens since each latent last fired (AuxK's dead set); BatchTopK's global threshold.
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64, device=device))
         self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+        self._dead_budget = -1  # dead_bound() reads the counters again once this many tokens are used up
 
     # ------------------------------------------------------------------ properties
     @property
@@ -171,6 +173,21 @@ class SparseAutoencoder(nn.Module):
     def dead_mask(self) -> Tensor:
         """(n,) bool: latents that have not fired for ``cfg.dead_tokens`` training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dead_budget = -1  # new counters: dead_bound() reads them again
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def dead_bound(self) -> int:
+        """At most this many latents are dead until training has advanced a quarter of ``cfg.dead_tokens``
+        more tokens: the counters grow by at most the tokens seen, so a latent dead by then counts at least
+        dead_tokens * 3/4 now. One host read per such horizon (the triton backend sizes AuxK's dead rows with
+        it, and checks it on the device)."""
+        if getattr(self, "_dead_budget", -1) < 0:  # (a module pickled before this attribute: none)
+            horizon = max(1, self.cfg.dead_tokens // 4)
+            self._dead_bound = int((self.tokens_since_fired >= self.cfg.dead_tokens - horizon).sum())
+            self._dead_budget = horizon
+        return self._dead_bound
 
     # ------------------------------------------------------------------ encode / decode
     def _weights(self, x: Tensor):
@@ -247,7 +264,9 @@ class SparseAutoencoder(nn.Module):
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
             # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
-            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0, pad_aux=True)
+            with dead_bound(self.dead_bound if use_aux else None):
+                res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0,
+                                   pad_aux=True)
             values, indices, x_hat = res.values, res.indices, res.x_hat
             if res.aux_values.shape[1]:
                 residual = (x2 - x_hat).detach().float()
@@ -286,6 +305,7 @@ class SparseAutoencoder(nn.Module):
         hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
             0, indices.reshape(-1).long(), active.reshape(-1).to(self.tokens_since_fired.dtype))
         self.tokens_since_fired.copy_(torch.where(hits > 0, 0, self.tokens_since_fired + values.shape[0]))
+        self._dead_budget = getattr(self, "_dead_budget", -1) - values.shape[0]
         if self.cfg.activation == "batchtopk":
             # EMA of the smallest kept activation: the inference threshold (unchanged by a batch with none)
             m = torch.where(active, values, float("inf")).amin().float()
