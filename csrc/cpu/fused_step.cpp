@@ -10,6 +10,7 @@ namespace sae_fast {
 
 namespace {
 
+using detail::dot;
 using detail::reduce_row;
 using detail::sort_by_latent;
 
@@ -37,13 +38,6 @@ struct Adam {
     p = p + (-step_size) * (m / denom);
   }
 };
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
-  return s;
-}
 
 }  // namespace
 
