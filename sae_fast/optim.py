@@ -244,16 +244,20 @@ class FusedAdam(torch.optim.Adam):
             else:
                 idx_all, pre_all, dp_all, v_all, g_all = idx, pre, dp, v, g
             # b_dec enters the encoder through x - b_dec: its gradient there is -sum_e dp[e] W_enc[idx[e]]
-            # (read before the kernel updates W_enc).
-            dp_real = torch.where(torch.isneginf(pre_all), 0.0, dp_all)
-            g_b_dec = g_b_dec - backend.sparse_decode(dp_real, idx_all, W_enc.detach(), None).sum(0)
+            # (W_enc before the update): summed by the kernel where it can, with the rows in cache.
+            sums_encoder = getattr(backend, "fused_step_sums_encoder", False)
+            if not sums_encoder:
+                dp_real = torch.where(torch.isneginf(pre_all), 0.0, dp_all)
+                g_b_dec = g_b_dec - backend.sparse_decode(dp_real, idx_all, W_enc.detach(), None).sum(0)
             xc = (x.float() - b_dec.detach().float()).contiguous()
             adam = self._adam_scalars()
             params = [W_enc, b_enc, W_dec]
             moments = [t for p in params for t in (self._state(p)["exp_avg"], self._state(p)["exp_avg_sq"])]
-            backend.fused_adam_step(idx_all, pre_all, idx.shape[1], dp_all, xc, v_all, g_all,
-                                    rest[-1] if act == "relu" else None, [p.data for p in params], moments,
-                                    adam, self.unit_norm_decoder, self.unit_norm_decoder)
+            enc_sum = backend.fused_adam_step(idx_all, pre_all, idx.shape[1], dp_all, xc, v_all, g_all,
+                                              rest[-1] if act == "relu" else None, [p.data for p in params],
+                                              moments, adam, self.unit_norm_decoder, self.unit_norm_decoder)
+            if sums_encoder:
+                g_b_dec = g_b_dec - enc_sum.to(g_b_dec.dtype)
             small = [(b_dec, g_b_dec)] + ([(sae.log_threshold, rest[-1])] if act == "jumprelu" else [])
             for p, gr in small:
                 st = self._state(p)
