@@ -108,3 +108,23 @@ def prefix_fvus(prefixes: Tensor, x: Tensor) -> Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 as given
     total = (xf - xf.mean(0)).pow(2).sum()
     return _PrefixSSE.apply(prefixes, xf) / total.clamp_min(torch.finfo(xf.dtype).tiny)
+
+
+def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_main: int, dp: Tensor, xc: Tensor,
+                      v: Tensor, S: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
+                      project: bool, renorm: bool) -> None:
+    """The backend's ``fused_adam_step`` for a Matryoshka SAE: a group's latents take their decoder rows from
+    S_g (S: ``ops.suffix_sums`` of the prefixes' gradients), so the step runs once per group on that group's
+    rows of the parameters and moments (contiguous row slices), the entries of other groups left out as
+    padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
+    only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None."""
+    group = backend._groups(idx, widths)
+    lo = 0
+    for p, hi in enumerate(widths):
+        mine = group == p
+        rows = S[p] if g_aux is None else torch.cat([S[p], g_aux.to(S.dtype)])
+        cut = slice(lo, hi)
+        backend.fused_adam_step(torch.where(mine, idx - lo, 0), torch.where(mine, pre, float("-inf")), k_main, dp,
+                                xc, v, rows.contiguous(), None if d_norm is None else d_norm[cut],
+                                [t[cut] for t in params], [t[cut] for t in moments], adam, project, renorm)
+        lo = hi
