@@ -1,12 +1,23 @@
 """The Matryoshka workload's rows (``sae-fast bench --activation matryoshka``): sae-fast's Matryoshka TopK
-and BatchTopK SAEs beside the plain ones at the same n and k, on every backend, and SAELens'
+and BatchTopK SAEs beside the plain ones at the same n and k, on every backend, the trainer's fused step
+(FusedAdam, AuxK on) of Matryoshka and plain TopK where the backend has one, and SAELens'
 ``MatryoshkaBatchTopKTrainingSAE`` (rescale_acts_by_decoder_norm True and False); and the table of
-Matryoshka over plain times. Every row: the same x and initial weights, no AuxK (dead_neuron_mask None
-for SAELens), widths ``workloads.matryoshka_widths(n)``."""
+Matryoshka over plain times. Every row but the trainer steps: the same x and initial weights, no AuxK
+(dead_neuron_mask None for SAELens), widths ``workloads.matryoshka_widths(n)``."""
 from __future__ import annotations
 
 from .measure import PHASE_TITLE, PHASES, Result
-from .peers import Contestant, Harness, NotApplicable, _copy_params, _renorm_rows, sae_fast_harness
+from .peers import (
+    DEAD_EVERY,
+    Contestant,
+    Harness,
+    NotApplicable,
+    _copy_params,
+    _renorm_rows,
+    has_fused_step,
+    sae_fast_harness,
+    trainer_step_harness,
+)
 from .workloads import Setup, matryoshka_widths
 
 KINDS = (("TopK", "topk", False), ("Matryoshka TopK", "topk", True), ("BatchTopK", "batchtopk", False),
@@ -64,6 +75,15 @@ def contestants(setup: Setup, backends: list[str], peers: list[str]) -> list[Con
                                   f"use_backend({name!r})",
                                   _checked(lambda s, name=name, act=act, m=m: sae_fast_harness(s, name, act, m),
                                            act == "batchtopk")))
+    for name in backends:
+        if not has_fused_step(name, setup):
+            continue
+        for kind, m in (("TopK", None), ("Matryoshka TopK", widths)):
+            out.append(Contestant(f"sae-fast trainer step {kind} [{name}]", "sae-fast",
+                                  f"what sae-fast train runs: FusedAdam.step_fused, SparseAutoencoder('topk', k={w.k}"
+                                  f"{f', matryoshka={widths}' if m else ''}), AuxK on (k_aux = d/2, every "
+                                  f"{DEAD_EVERY}th latent dead); use_backend({name!r}); fwd: its forward with AuxK",
+                                  lambda s, name=name, m=m: trainer_step_harness(s, name, True, "topk", m)))
     if "sparsify" in peers:
         def none(_):
             raise NotApplicable("sparsify has no Matryoshka SAE")
@@ -87,12 +107,10 @@ def ratio_rows(res: Result) -> tuple[list[str], list[list[str]]]:
         return head, body
     by_label = {r.label: r for r in res.rows}
     for r in res.rows:
-        for kind in ("Matryoshka TopK", "Matryoshka BatchTopK"):
-            if not r.label.startswith(f"sae-fast {kind} ["):
-                continue
-            base = by_label.get(r.label.replace(f"sae-fast {kind}", f"sae-fast {kind.split()[1]}"))
-            if base is None or base.status != "ok" or r.status != "ok":
-                continue
+        if r.kind != "sae-fast" or "Matryoshka " not in r.label:
+            continue
+        base = by_label.get(r.label.replace("Matryoshka ", ""))
+        if base is not None and base.status == "ok" and r.status == "ok":
             cells = [f"{r.label} / {base.label}"]
             for p in PHASES:
                 a, b = r.median(p), base.median(p)

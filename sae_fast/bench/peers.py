@@ -76,14 +76,16 @@ def sae_fast_harness(setup: Setup, backend: str, activation: str | None = None,
 DEAD_EVERY = 10  # the trainer-step row: every 10th latent dead, so AuxK has work
 
 
-def trainer_step_harness(setup: Setup, backend: str, fused: bool = True) -> Harness:
+def trainer_step_harness(setup: Setup, backend: str, fused: bool = True, activation: str | None = None,
+                         matryoshka: list[int] | None = None) -> Harness:
     """What ``sae-fast train`` runs per step: FusedAdam.step_fused with the trainer's defaults (AuxK on with
     k_aux = d / 2), every DEAD_EVERY-th latent kept dead; ``fused=False``: the same SAE and dead set stepped
     as ``--no-fused-step`` does (backward, the trainer's Adam, the decoder constraints)."""
     from ..optim import FusedAdam
     from ..sae import SparseAutoencoder
     w = setup.workload
-    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, l1_coeff=L1_COEFF, device=setup.device)
+    sae = SparseAutoencoder(w.d, w.n, activation or w.activation, k=w.k, l1_coeff=L1_COEFF, device=setup.device,
+                            matryoshka=matryoshka)
     _copy_params([(sae.W_enc, setup.W_enc), (sae.b_enc, setup.b_enc),
                   (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
     opt = FusedAdam(sae, lr=ADAM_LR) if fused else None
