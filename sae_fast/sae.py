@@ -39,7 +39,7 @@ from .folders import (
     take,
     write_weights_and_config,
 )
-from .matryoshka import check_widths, prefix_reconstructions
+from .matryoshka import check_widths, matryoshka_decode, prefix_fvus
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
@@ -266,25 +266,27 @@ class SparseAutoencoder(nn.Module):
             # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
             with dead_bound(self.dead_bound if use_aux else None):
                 res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0,
-                                   pad_aux=True)
-            values, indices, x_hat = res.values, res.indices, res.x_hat
+                                   pad_aux=True, matryoshka=cfg.matryoshka)
+            values, indices, x_hat, prefixes = res.values, res.indices, res.x_hat, res.prefixes
             if res.aux_values.shape[1]:
                 residual = (x2 - x_hat).detach().float()
                 e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
                 aux_loss = reference.fvu(e_hat, residual) * dead.any()
         else:
             values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
-            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+            if cfg.matryoshka is None:
+                prefixes, x_hat = None, ops.sparse_decode(values, indices, W_dec, b_dec)
+            else:  # every prefix from one decode pass; the last is the full reconstruction
+                prefixes = matryoshka_decode(values, indices, W_dec, b_dec, cfg.matryoshka)
+                x_hat = prefixes[-1]
 
         xf, x_hat_f = x2.float(), x_hat.float()
         mse = reference.mse(x_hat_f, xf)
-        fvu = reference.fvu(x_hat_f, xf)
         l1 = ops.decoder_norm_l1(values, indices, W_dec)
         l0 = (values > 0).sum(-1).float().mean()
-        prefix_fvu = None
-        if cfg.matryoshka is not None:
-            prefixes = prefix_reconstructions(values, indices, W_dec, b_dec, cfg.matryoshka, x_hat)
-            prefix_fvu = torch.stack([reference.fvu(p.float(), xf) for p in prefixes[:-1]] + [fvu])
+        prefix_fvu = None if prefixes is None else prefix_fvus(prefixes, xf)  # all prefixes in one reduction
+        fvu = reference.fvu(x_hat_f, xf) if prefix_fvu is None else prefix_fvu[-1]
+        if prefix_fvu is not None:
             loss = prefix_fvu.sum() + cfg.aux_coeff * aux_loss
         elif cfg.activation in ("topk", "batchtopk"):
             loss = fvu + cfg.aux_coeff * aux_loss

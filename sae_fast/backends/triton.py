@@ -224,3 +224,22 @@ class TritonBackend(SparseBackend):
         check_indices(idx, params[0].shape[0])
         self._kernels("fused_step").fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam,
                                                     project, renorm)
+
+    # ------------------------------------------------------------------ Matryoshka (kernels/matryoshka.py)
+    def matryoshka_decode(self, values, idx, W, bias, widths):
+        if not self._native(W):
+            return super().matryoshka_decode(values, idx, W, bias, widths)
+        check_indices(idx, W.shape[0])
+        return self._kernels("matryoshka").matryoshka_decode(values, idx, W, bias, widths)
+
+    def matryoshka_gather_dot(self, S, idx, W, widths):
+        if not self._native(W):
+            return super().matryoshka_gather_dot(S, idx, W, widths)
+        check_indices(idx, W.shape[0])
+        return self._kernels("matryoshka").matryoshka_gather_dot(S, idx, W, widths)
+
+    def matryoshka_latent_backward(self, idx, n, dp, xc, v, S, widths, grad_dtype=None):
+        if not self._native(dp, xc, v, S):
+            return super().matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype)
+        check_indices(idx, n)
+        return self._kernels("matryoshka").matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype)
