@@ -4,7 +4,7 @@
 // ids, in ascending latent order) and a threshold `thr`, the k-th best score so far (-inf until k
 // candidates exist). Only scores > thr are appended, so after the first few hundred latents one vector
 // compare rejects 16 (AVX-512) or 8 (AVX2) scores at a time; with AVX-512 the rare hits are appended by
-// compress-stores, with AVX2 one by one.
+// a register compress and one 16-lane store, with AVX2 one by one.
 // When the buffer is full a stable compaction keeps the best k and raises thr.
 // Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
 // ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
