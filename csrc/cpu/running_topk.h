@@ -68,15 +68,30 @@ inline float kth_largest(const float* v, int64_t count, int64_t k) {
     cur[s] = is_nan(v[s]) ? 0xFFFFFFFFu : u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   }
   int64_t need = k;  // rank of the answer, counted from the top, among the values left in cur
+  int64_t m = count;  // values left
+  next.resize(count);
   for (int shift = 24; shift >= 0; shift -= 8) {
-    uint32_t hist[256] = {};
-    for (const uint32_t key : cur) ++hist[(key >> shift) & 255];
+    // Four interleaved histograms: scores share few top bytes, and one histogram's increments of the
+    // same bin wait on each other (store-to-load forwarding); this loop was most of a compaction.
+    uint32_t h4[4][256] = {};
+    int64_t s = 0;
+    for (; s + 4 <= m; s += 4)
+      for (int q = 0; q < 4; ++q) ++h4[q][(cur[s + q] >> shift) & 255];
+    for (; s < m; ++s) ++h4[0][(cur[s] >> shift) & 255];
     uint32_t bin = 255;
-    for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
-    next.clear();
-    for (const uint32_t key : cur)
-      if (((key >> shift) & 255) == bin) next.push_back(key);
+    for (;; --bin) {
+      const uint32_t h = h4[0][bin] + h4[1][bin] + h4[2][bin] + h4[3][bin];
+      if (bin == 0 || h >= need) break;
+      need -= h;
+    }
+    int64_t w = 0;  // keep the values in the chosen bin, branch-free
+    for (s = 0; s < m; ++s) {
+      const uint32_t key = cur[s];
+      next[w] = key;
+      w += ((key >> shift) & 255) == bin;
+    }
     cur.swap(next);
+    m = w;
   }
   const uint32_t key = cur[0];  // every value left has this key
   const uint32_t u = key ^ ((key & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
