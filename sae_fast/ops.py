@@ -34,7 +34,7 @@ try:  # newer torch; with older ones eager code decides as before, and compiling
 except ImportError:
     guard_or_false = bool
 
-__all__ = ["topk_encode", "relu_encode", "jumprelu_encode", "batch_topk_encode", "threshold_encode",
+__all__ = ["topk_encode", "dead_topk_encode", "relu_encode", "jumprelu_encode", "batch_topk_encode", "threshold_encode",
            "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
            "available_backends", "get_backend", "use_backend", "register_backend", "set_check_finite", "is_master"]
 
@@ -87,6 +87,8 @@ class _Select(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, backend, mode, arg):
         if mode == "topk":
             pre, idx, _, _ = custom_ops.topk_select(backend, x, W_enc, b_enc, b_dec, arg)
+        elif mode == "deadtopk":  # arg = (dead_mask, k_aux): the AuxK list alone
+            _, _, pre, idx = custom_ops.topk_select(backend, x, W_enc, b_enc, b_dec, arg[1], arg[0], arg[1])
         elif mode == "threshold":
             pre, idx = custom_ops.threshold_select(backend, x, W_enc, b_enc, b_dec, arg)
         else:
@@ -247,6 +249,21 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     check_encoder(x, W_enc, b_enc, b_dec)
     check_k("k", k, W_enc.shape[0])
     return _encode(x, W_enc, b_enc, b_dec, "batchtopk", k, lambda pre: reference.batch_topk(pre, k))
+
+
+def dead_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_mask: Tensor,
+                     k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's code alone: the top-min(k_aux, n) pre-activations per row among the ``dead_mask`` latents, ReLU'd
+    (a row with fewer dead latents is padded with inactive entries). For encoders whose decoder is a
+    separate op (transcoders with d_out != d_in); ``topk_sae`` gives it beside the main code otherwise."""
+    check_encoder(x, W_enc, b_enc, b_dec)
+    n = W_enc.shape[0]
+    check_dead_mask(dead_mask, n)
+    k_aux = min(check_count("k_aux", k_aux), n)
+    check_k("k_aux", k_aux, n)
+    dead = dead_mask.to(x.device)
+    return _encode(x, W_enc, b_enc, b_dec, "deadtopk", (dead, k_aux),
+                   lambda pre: reference.dead_topk(pre, dead, k_aux))
 
 
 def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: float) -> tuple[Tensor, Tensor]:

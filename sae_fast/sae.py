@@ -74,6 +74,15 @@ class SAEConfig:
     matryoshka: Optional[list[int]] = None
     """topk/batchtopk: cumulative prefix widths [m_1, ..., n] (SAELens' matryoshka_widths); the loss sums
     every prefix's FVU (see reference.py). None: a plain SAE."""
+    transcode: bool = False
+    """A transcoder: reads a module's input x (d_in) and predicts its output y (d_out), ``sae(x, target=y)``.
+    Its encoder reads x itself, with no b_dec subtracted (b_dec is in the output space), and W_dec starts at
+    zero with no unit-norm constraint: sparsify's convention (SparseCoder, transcode=True). Math in reference.py."""
+    d_out: Optional[int] = None
+    """Transcoders: width of the predicted output (default d_in; an SAE's output is its input)."""
+    skip_connection: bool = False
+    """Add a learned linear skip term ``x @ W_skip.T``, W_skip (d_out, d_in) zero at init (sparsify's
+    skip_connection, SAELens' SkipTranscoder)."""
 
     def __post_init__(self):
         # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
@@ -91,7 +100,7 @@ class SAEConfig:
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
             raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
         if self.k_aux is None:
-            self.k_aux = self.d_in // 2
+            self.k_aux = (self.d_out or self.d_in) // 2  # half the width of what is predicted, as sparsify
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
         for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
@@ -106,6 +115,19 @@ class SAEConfig:
             raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
         if self.matryoshka is not None:
             self.matryoshka = check_widths(self.matryoshka, self.n_latents, self.activation)
+        for name in ("transcode", "skip_connection"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, numbers.Integral) or self.d_out < 1:
+            raise ValueError(f"d_out must be a positive int; got {self.d_out!r}")
+        self.d_out = int(self.d_out)
+        if self.d_out != self.d_in and not self.transcode:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder "
+                             "(transcode=True) can do")
+        if self.transcode and self.matryoshka is not None:
+            raise ValueError("matryoshka transcoders are not supported; use matryoshka=None with transcode=True")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,15 +164,19 @@ class SparseAutoencoder(nn.Module):
         if cfg is None:
             cfg = SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
         self.cfg = cfg
-        n, d = self.cfg.n_latents, self.cfg.d_in
+        n, d, d_out = self.cfg.n_latents, self.cfg.d_in, self.cfg.d_out
         factory = {"device": device, "dtype": dtype or torch.float32}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(n, d, generator=gen, dtype=torch.float32)
-        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        W = torch.randn(n, d, generator=gen, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # An SAE's decoder starts tied to the encoder; a transcoder's at zero, as sparsify's does.
+        W_dec = torch.zeros(n, d_out) if self.cfg.transcode else W.clone()
         self.W_dec = nn.Parameter(W_dec.to(**factory))
-        self.W_enc = nn.Parameter(W_dec.clone().to(**factory))  # tied at init, trained apart
+        self.W_enc = nn.Parameter(W.to(**factory))
         self.b_enc = nn.Parameter(torch.zeros(n, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
+        if self.cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d, **factory))
         if self.cfg.activation == "jumprelu":
             init = math.log(self.cfg.jumprelu_init_threshold)
             self.log_threshold = nn.Parameter(torch.full((n,), init, **factory))
@@ -166,6 +192,16 @@ class SparseAutoencoder(nn.Module):
     @property
     def n_latents(self) -> int:
         return self.cfg.n_latents
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """TopK/BatchTopK SAEs keep unit-norm decoder rows; transcoders do not (their W_dec carries the
+        output's scale, as in sparsify)."""
+        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.transcode
 
     @property
     def dead_mask(self) -> Tensor:
@@ -212,52 +248,88 @@ class SparseAutoencoder(nn.Module):
             return ops.threshold_encode(x, W_enc, b_enc, b_dec, float(self.threshold))
         return ops.relu_encode(x, W_enc, b_enc, b_dec)
 
+    def _encoder_bias(self, b_dec: Tensor) -> Tensor:
+        """What the encoder subtracts from x: b_dec for an SAE, nothing (zeros) for a transcoder."""
+        return b_dec.new_zeros(self.d_in) if self.cfg.transcode else b_dec
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values, indices) of the active latents for x (..., d_in); see reference.py for the layout."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flatten(x)
         dtype, (W_enc, b_enc, _, b_dec) = self._weights(x2)
-        values, indices = self._encode2d(x2.to(dtype), W_enc, b_enc, b_dec)
+        values, indices = self._encode2d(x2.to(dtype), W_enc, b_enc, self._encoder_bias(b_dec))
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """x_hat (..., d_in) from a sparse code (..., K)."""
+        """x_hat (..., d_out) from a sparse code (..., K): the dictionary part and b_dec (a skip connection's
+        ``x @ W_skip.T`` needs x: ``forward`` adds it)."""
         lead = values.shape[:-1]
         dtype, (_, _, W_dec, b_dec) = self._weights(values)
         v2 = values.reshape(-1, values.shape[-1]).to(dtype)
         x_hat = ops.sparse_decode(v2, indices.reshape(v2.shape), W_dec, b_dec)
-        return x_hat.reshape(*lead, self.d_in)
+        return x_hat.reshape(*lead, self.d_out)
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """Dense (..., n) pre-activations: for inspection only (memory grows with n)."""
         x2 = self._flatten(x)
-        p = reference.pre_activations(x2.to(self.W_enc.dtype), self.W_enc, self.b_enc, self.b_dec)
+        p = reference.pre_activations(x2.to(self.W_enc.dtype), self.W_enc, self.b_enc, self._encoder_bias(self.b_dec))
         return p.reshape(*x.shape[:-1], self.n_latents)
 
+    def _target(self, x2: Tensor, target) -> Tensor:
+        """The (B, d_out) tensor the output is scored against: ``target`` for a transcoder, x for an SAE."""
+        if not self.cfg.transcode:
+            if target is not None:
+                raise ValueError("target= is for transcoders (SAEConfig(transcode=True)); an SAE reconstructs x")
+            return x2
+        if not isinstance(target, Tensor):
+            raise TypeError(f"a transcoder needs target= (the module's output, (..., d_out={self.d_out})); "
+                            f"got {type(target).__name__}")
+        if target.shape[-1:] != (self.d_out,) or target.numel() // self.d_out != x2.shape[0]:
+            raise ValueError(f"target must have shape (..., d_out={self.d_out}) with x's leading shape; got "
+                             f"{tuple(target.shape)} for x of {x2.shape[0]} rows")
+        return target.reshape(-1, self.d_out)
+
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> SAEOutput:
+        """Encode x, decode, and score the output against x (an SAE) or ``target`` (a transcoder: the
+        hooked module's output, (..., d_out))."""
         cfg = self.cfg
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flatten(x)
+        y2 = self._target(x2, target)
         dtype, (W_enc, b_enc, W_dec, b_dec) = self._weights(x2)
+        b_in = self._encoder_bias(b_dec)
         xc = x2.to(dtype)
         zero = x2.new_zeros((), dtype=torch.float32)
         aux_loss = zero
         if cfg.activation == "topk":
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
-            # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
-            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0, pad_aux=True)
-            values, indices, x_hat = res.values, res.indices, res.x_hat
-            if res.aux_values.shape[1]:
-                residual = (x2 - x_hat).detach().float()
-                e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
-                aux_loss = reference.fvu(e_hat, residual) * dead.any()
+            k_aux = cfg.k_aux if use_aux else 0
+            if cfg.d_out == cfg.d_in:
+                # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
+                # A transcoder's encoder bias is zero there; its b_dec is added after the decode.
+                res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_in, cfg.k, dead, k_aux, pad_aux=True)
+                values, indices, x_hat = res.values, res.indices, res.x_hat
+                aux_values, aux_indices = res.aux_values, res.aux_indices
+                if cfg.transcode:
+                    x_hat = x_hat + b_dec.to(x_hat.dtype)
+            else:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
+                values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
+                x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+                aux_values, aux_indices = (ops.dead_topk_encode(xc, W_enc, b_enc, b_in, dead, k_aux) if k_aux
+                                           else (values[:, :0], indices[:, :0]))
         else:
-            values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
+            values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_in, return_l0=True)
             x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+        if cfg.skip_connection:
+            x_hat = x_hat + xc @ self._as(self.W_skip, dtype).T
+        if cfg.activation == "topk" and aux_values.shape[1]:
+            residual = (y2 - x_hat).detach().float()
+            e_hat = ops.sparse_decode(aux_values, aux_indices, W_dec, None).float()
+            aux_loss = reference.fvu(e_hat, residual) * dead.any()
 
-        xf, x_hat_f = x2.float(), x_hat.float()
+        xf, x_hat_f = y2.float(), x_hat.float()
         mse = reference.mse(x_hat_f, xf)
         fvu = reference.fvu(x_hat_f, xf)
         l1 = ops.decoder_norm_l1(values, indices, W_dec)
@@ -276,7 +348,7 @@ class SparseAutoencoder(nn.Module):
 
         if self.training:
             self._update_training_state(values, indices)
-        return SAEOutput(x_hat.reshape(*lead, self.d_in), values.reshape(*lead, -1), indices.reshape(*lead, -1),
+        return SAEOutput(x_hat.reshape(*lead, self.d_out), values.reshape(*lead, -1), indices.reshape(*lead, -1),
                          loss, mse, fvu, aux_loss, l1, l0, prefix_fvu)
 
     @torch.no_grad()
@@ -369,10 +441,12 @@ def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path}: {e}") from e
     state = read_tensors(weights_path)
-    n, d = sae_cfg.n_latents, sae_cfg.d_in
-    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    n, d, d_out = sae_cfg.n_latents, sae_cfg.d_in, sae_cfg.d_out
+    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
     if sae_cfg.activation == "jumprelu":
         expected["log_threshold"] = (n,)
+    if sae_cfg.skip_connection:
+        expected["W_skip"] = (d_out, d)
     weights = {k: take(state, k, shape, weights_path) for k, shape in expected.items()}
     buffers = {k: state.pop(k) for k in ("tokens_since_fired", "threshold") if k in state}
     for k, (shape, kind) in {"tokens_since_fired": ((n,), "int64"), "threshold": ((), "float")}.items():
