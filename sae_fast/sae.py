@@ -87,12 +87,13 @@ class SAEConfig:
     def __post_init__(self):
         # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
         # numpy integers are integers (stored as int), 2.5 and True are not.
-        for name in ("d_in", "n_latents", "k", "dead_tokens") + (("k_aux",) if self.k_aux is not None else ()):
+        self.d_out = self.d_in if self.d_out is None else self.d_out
+        for name in ("d_in", "n_latents", "k", "dead_tokens", "d_out") + (("k_aux",) if self.k_aux is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int; got {type(v).__name__} {v!r}")
             setattr(self, name, int(v))
-        for name in ("d_in", "n_latents", "dead_tokens"):
+        for name in ("d_in", "n_latents", "dead_tokens", "d_out"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
@@ -100,7 +101,7 @@ class SAEConfig:
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
             raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
         if self.k_aux is None:
-            self.k_aux = (self.d_out or self.d_in) // 2  # half the width of what is predicted, as sparsify
+            self.k_aux = self.d_out // 2  # half the width of what is predicted, as sparsify
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
         for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
@@ -118,11 +119,6 @@ class SAEConfig:
         for name in ("transcode", "skip_connection"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
-        if self.d_out is None:
-            self.d_out = self.d_in
-        if isinstance(self.d_out, bool) or not isinstance(self.d_out, numbers.Integral) or self.d_out < 1:
-            raise ValueError(f"d_out must be a positive int; got {self.d_out!r}")
-        self.d_out = int(self.d_out)
         if self.d_out != self.d_in and not self.transcode:
             raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder "
                              "(transcode=True) can do")
