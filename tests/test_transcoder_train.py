@@ -10,6 +10,8 @@ from hf_tiny import tiny_model_dir, write_corpus
 from sae_fast import SparseAutoencoder, ops
 from sae_fast.activations import load_model
 from sae_fast.activations.hooks import TARGET_SUFFIX, capture
+from sae_fast.cli import main
+from sae_fast.cli.common import load_sae_for_model
 from sae_fast.evaluate import evaluate
 from sae_fast.train import TrainConfig, Trainer
 
@@ -61,6 +63,11 @@ def test_train_transcode_writes_a_transcoder_that_beats_the_mean(tmp_path, capsy
     spliced = m["spliced"]  # the model has an LM head: the prediction replaced the MLP's output
     assert math.isfinite(spliced["ce_spliced"]) and spliced["kl"] >= 0 and spliced["fvu"] < 1
     assert SparseAutoencoder.load(tmp_path / "run" / "export" / "sparsify" / "layers.1.mlp").cfg.transcode
+    # sae-fast eval splices it in again from the folder; features/steer (a layer's output) refuse it
+    assert main(["eval", "--sae", str(folder), "--corpus", cfg.corpus, "--tokens", "128", "--ctx-len", "32"]) == 0
+    assert "recovers" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="holds a transcoder"):
+        load_sae_for_model(folder, None, None)
     # the cache holds both ends; an SAE run on it is another configuration, refused
     meta = json.loads((tmp_path / "cache" / "train" / "meta.json").read_text())
     assert meta["layers"] == ["layers.1.mlp", "layers.1.mlp:out"] and meta["fingerprint"]["transcode"]

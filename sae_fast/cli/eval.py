@@ -17,7 +17,7 @@ def _eval(args) -> int:
             raise ValueError("--tokens and --batch-size must be >= 1 and --ctx-len >= 2")
         if not args.sink_factor >= 0:
             raise ValueError(f"--sink-factor must be >= 0; got {args.sink_factor}")
-        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
+        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer, transcoders=True)
         model, tok = load_model(model_name, auto_class="AutoModel" if args.no_lm else "AutoModelForCausalLM")
         texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
         m = evaluate(model, tok, layer, sae, texts, scale=scale, ctx_len=args.ctx_len, batch_size=args.batch_size,

@@ -189,6 +189,9 @@ class TrainConfig:
             raise ValueError("--skip-connection needs --transcode (a skip connection maps a module's input to its output)")
         if self.transcode and self.matryoshka is not None:
             raise ValueError("--transcode with --matryoshka is not supported; drop one of them")
+        if self.transcode and self.export == "saelens" and self.activation == "topk":
+            raise ValueError("--export saelens with --transcode needs --activation relu, jumprelu or batchtopk: "
+                             "SAELens has no top-k transcoder (--export sparsify takes top-k ones)")
         if self.transcode and self.distributed in ("data", "latent"):
             raise ValueError(f"--transcode does not run under --distributed {self.distributed} yet")
         if self.dtype not in ("auto", "fp32", "bf16"):
