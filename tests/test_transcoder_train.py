@@ -2,10 +2,12 @@
 (cache, outputs, export), and the spliced evaluation with a transcoder's prediction in place of the output."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from hf_tiny import tiny_model_dir, write_corpus
+from safetensors.torch import load_file
 
 from sae_fast import SparseAutoencoder, ops
 from sae_fast.activations import load_model
@@ -13,7 +15,7 @@ from sae_fast.activations.hooks import TARGET_SUFFIX, capture
 from sae_fast.cli import main
 from sae_fast.cli.common import load_sae_for_model
 from sae_fast.evaluate import evaluate
-from sae_fast.train import TrainConfig, Trainer
+from sae_fast.train import TrainConfig, Trainer, list_checkpoints
 
 TEXTS = ["The cat sat on the mat. " * 6, "def f(x):\n    return x + 1\n" * 4, "A B C D E F G " * 5]
 
@@ -121,3 +123,18 @@ def test_spliced_eval_replaces_the_module_output_with_the_prediction():
     with pytest.raises(ValueError, match="reads width 64 and outputs 32, the SAE reads 32"):
         evaluate(model, tok, "layers.1.mlp.down_proj", SparseAutoencoder(32, 48, "relu", transcode=True), TEXTS,
                  progress=False)
+
+
+def test_resume_continues_a_transcoder_exactly(tmp_path):
+    """W_skip's Adam state is in the checkpoint: back to step 20 and resumed (fused), the run lands where it did."""
+    common = dict(steps=40, checkpoint_every=20, keep_checkpoints=5, eval_tokens=0, cache_dir=str(tmp_path / "c"))
+    Trainer(_cfg(tmp_path, **common)).run()
+    folder = tmp_path / "run" / "sae" / "layers.1.mlp"
+    want = load_file(str(folder / "sae.safetensors"))
+    for later in list_checkpoints(tmp_path / "run" / "checkpoints")[1:]:
+        shutil.rmtree(later)
+    (tmp_path / "run" / "summary.json").unlink()
+    Trainer(_cfg(tmp_path, resume=True, **common)).run()
+    got = load_file(str(folder / "sae.safetensors"))
+    for k in ("W_enc", "W_dec", "W_skip", "b_enc", "b_dec"):
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)

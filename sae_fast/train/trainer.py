@@ -392,7 +392,7 @@ class Trainer:
         self.log(f"the run in {self.out} has already finished ({ckpt.meta['step']} steps): nothing to resume")
         if self.cfg.export != "none" and not (self.out / "export" / self.cfg.export).exists():
             self.log(f"writing the --export {self.cfg.export} it did not have")
-            self._export(ckpt.saes, ckpt.meta["scales"])
+            self._export(ckpt.saes, {**ckpt.meta["scales"], **ckpt.meta.get("target_scales", {})})
         return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
 
     def _finish(self, saes: dict, evals: ActivationStore, scales: dict, step: int, total: int) -> dict:
