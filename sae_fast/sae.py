@@ -101,7 +101,7 @@ class SAEConfig:
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
             raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
         if self.k_aux is None:
-            self.k_aux = self.d_out // 2  # half the width of what is predicted, as sparsify
+            self.k_aux = self.d_in // 2
         if self.k_aux < 0:
             raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
         for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
@@ -311,10 +311,13 @@ class SparseAutoencoder(nn.Module):
                 if cfg.transcode:
                     x_hat = x_hat + b_dec.to(x_hat.dtype)
             else:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
-                values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
+                if k_aux:
+                    values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
+                        xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
+                else:
+                    values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
+                    aux_values, aux_indices = values[:, :0], indices[:, :0]
                 x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
-                aux_values, aux_indices = (ops.dead_topk_encode(xc, W_enc, b_enc, b_in, dead, k_aux) if k_aux
-                                           else (values[:, :0], indices[:, :0]))
         else:
             values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_in, return_l0=True)
             x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
