@@ -208,6 +208,8 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
            "shrinkage": acc["shrink"] / count, "special_excluded": special, "sinks_excluded": sinks,
            "sink_factor": sink_factor}
     out["explained_variance"] = 1.0 - out["fvu"]
+    if transcode:
+        out["transcoder"] = True  # the numbers compare its prediction with the module's output
     err = torch.cat(errors).double()
     top = max(1, err.numel() // 100)
     out["top1pct_error_share"] = float(torch.topk(err, top).values.sum() / err.sum().clamp_min(1e-30))
@@ -224,8 +226,11 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
 def describe(m: dict) -> str:
     """A few lines a newcomer can read."""
     lines = [f"on {m['tokens']:,} held-out tokens ({m['special_excluded']:,} special/BOS and {m['sinks_excluded']:,} "
-             f"attention-sink tokens left out): the SAE explains {100 * m['explained_variance']:.1f}% of the "
-             f"variance (FVU {m['fvu']:.4f}) with {m['l0']:.1f} active latents per token; {100 * m['dead_frac']:.1f}% "
+             f"attention-sink tokens left out): the "
+             + ("transcoder's prediction explains" if m.get("transcoder") else "SAE explains")
+             + f" {100 * m['explained_variance']:.1f}% of the "
+             + ("module output's " if m.get("transcoder") else "")
+             + f"variance (FVU {m['fvu']:.4f}) with {m['l0']:.1f} active latents per token; {100 * m['dead_frac']:.1f}% "
              f"of latents never fired; cosine(x, x_hat) {m['cosine']:.3f}, shrinkage |x_hat|/|x| {m['shrinkage']:.3f}"]
     if "ce_clean" in m:
         lines.append(f"spliced into the model it recovers {100 * m['ce_recovered_zero']:.1f}% of the next-token loss "

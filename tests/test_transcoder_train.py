@@ -63,7 +63,7 @@ def test_train_transcode_writes_a_transcoder_that_beats_the_mean(tmp_path, capsy
     norm = json.loads((folder / "normalization.json").read_text())
     assert norm["target_scale"] == pytest.approx(m["target_scale"]) and norm["scale"] == m["activation_scale"]
     spliced = m["spliced"]  # the model has an LM head: the prediction replaced the MLP's output
-    assert math.isfinite(spliced["ce_spliced"]) and spliced["kl"] >= 0 and spliced["fvu"] < 1
+    assert math.isfinite(spliced["ce_spliced"]) and spliced["kl"] >= 0 and spliced["fvu"] < 1 and spliced["transcoder"]
     assert SparseAutoencoder.load(tmp_path / "run" / "export" / "sparsify" / "layers.1.mlp").cfg.transcode
     # sae-fast eval splices it in again from the folder; features/steer (a layer's output) refuse it
     assert main(["eval", "--sae", str(folder), "--corpus", cfg.corpus, "--tokens", "128", "--ctx-len", "32"]) == 0
