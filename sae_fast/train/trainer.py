@@ -278,7 +278,8 @@ class Trainer:
                         out = opts[n].step_fused(batch[n], weight, target=y)
                     else:
                         with autocast:
-                            out = saes[n](batch[n], y)
+                            # the distributed wrappers take x only (they refuse transcoders at config time)
+                            out = saes[n](batch[n]) if y is None else saes[n](batch[n], y)
                         (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
                     for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
