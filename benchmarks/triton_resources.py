@@ -119,6 +119,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         encoder_common,
         fused_step,
         latent_backward,
+        matryoshka,
         scan_encoder,
         threshold_encoder,
         topk_encoder,
@@ -135,7 +136,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     W_gemm = torch.empty(n, d, dtype=dt, **meta)  # what the backend hands the tiles (a copy for bf16)
     dev = encoder_common.Device(cap, TARGETS[cap]["sms"])
     notes = {}  # launch position -> what sets it apart
-    kernels = (encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward, fused_step)
+    kernels = (encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward, fused_step, matryoshka)
     with _recording(kernels, dev) as sink:
         c = encoder_common.fold_bias(W_enc, b_enc, b_dec)
         K = k if w.activation == "topk" else W4_MAX_ROW
@@ -181,6 +182,14 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         else:                                                  # encoder and decoder nodes separately
             latent_backward.latent_backward(idx, n, values, xc, grad_dtype=f32)
             latent_backward.latent_backward(idx, n, v=values, g=g, grad_dtype=f32)
+        if w.activation == "topk":  # a Matryoshka TopK SAE's decode and one-pass backward (4 prefixes)
+            start = len(sink)
+            widths = [n // 64, n // 16, n // 4, n]
+            S = torch.empty(len(widths), B, d, dtype=dt, **meta)
+            matryoshka.matryoshka_decode(values, idx, W_read, b_dec, widths)
+            matryoshka.matryoshka_gather_dot(S, idx, W_read, widths)
+            matryoshka.matryoshka_latent_backward(idx, n, dp, xc, values, S, widths, grad_dtype=f32)
+            notes.update(dict.fromkeys(range(start, len(sink)), "Matryoshka"))
         # The fused training step (sae_fast.optim.FusedAdam) in place of the latent-sorted backward + Adam.
         start = len(sink)
         unit = w.activation == "topk"
