@@ -118,7 +118,7 @@ def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_ma
     rows of the parameters and moments (contiguous row slices), the entries of other groups left out as
     padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
     only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None."""
-    group = backend._groups(idx, widths)
+    group = torch.bucketize(idx.long(), torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device), right=True)
     lo = 0
     for p, hi in enumerate(widths):
         mine = group == p

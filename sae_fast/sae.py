@@ -249,7 +249,8 @@ class SparseAutoencoder(nn.Module):
             # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
             res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0, pad_aux=True,
                                matryoshka=cfg.matryoshka)
-            values, indices, x_hat, prefixes = res.values, res.indices, res.x_hat, res.prefixes
+            values, indices, x_hat = res.values, res.indices, res.x_hat
+            prefixes = None if cfg.matryoshka is None else res.prefixes
             if res.aux_values.shape[1]:
                 residual = (x2 - x_hat).detach().float()
                 e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
