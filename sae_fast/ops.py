@@ -23,6 +23,7 @@ from .checks import (
     check_index_range,
     check_k,
     check_number,
+    check_widths,
     is_master,
     set_check_finite,
 )
@@ -358,13 +359,15 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
     per row, for the AuxK loss. ``pad_aux`` keeps the list min(k_aux, n) wide whatever the dead count, so
     nothing reads the count back to the host: missing dead latents are inactive entries (value 0), and
     with no dead latent at all the caller should zero the AuxK loss (``SparseAutoencoder`` multiplies it
-    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths, checked by the caller:
-    ``sae_fast.matryoshka.check_widths``) adds every prefix's reconstruction, ``prefixes`` (G, B, d), from
-    the same decode pass (a MatryoshkaTopKSAEResult; ``x_hat`` is ``prefixes[-1]``)."""
+    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths [m_1, ..., n]) adds every prefix's
+    reconstruction, ``prefixes`` (G, B, d), from the same decode pass (a MatryoshkaTopKSAEResult; ``x_hat``
+    is ``prefixes[-1]``)."""
     check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
     check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
     check_k("k", k, n)
+    if matryoshka is not None:
+        matryoshka = check_widths(matryoshka, n)
     if check_count("k_aux", k_aux) < 0:
         raise ValueError(f"k_aux must be >= 0; got {k_aux}")
     if dead_mask is not None and k_aux:
@@ -388,7 +391,7 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
             return MatryoshkaTopKSAEResult(values, idx, x_hat, aux_values, aux_idx, prefixes)
         return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
     mask = dead_mask.to(x.device) if k_aux else None
-    widths = None if matryoshka is None else list(matryoshka)
+    widths = matryoshka
     values, idx, x_hat, aux_values, aux_idx = _TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux,
                                                               backend.name, widths)
     if widths is None:

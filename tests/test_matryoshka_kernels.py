@@ -151,3 +151,14 @@ def test_cpu_kernels_are_bitwise_the_same_for_any_thread_count():
 
     for a, b in zip(run(1), run(2)):
         assert torch.equal(a, b)
+
+
+def test_public_ops_check_the_widths_first():
+    from sae_fast import ops
+    from sae_fast.matryoshka import matryoshka_decode
+    values, idx, W, bias, _ = _code()
+    x = torch.randn(9, 6)
+    with pytest.raises(ValueError, match="last prefix width must be n_latents=41"):
+        ops.topk_sae(x, W, torch.zeros(41), W, bias, 3, matryoshka=[3, 40])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        matryoshka_decode(values, idx, W, bias, [10, 3, 41])
