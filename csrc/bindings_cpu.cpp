@@ -41,13 +41,14 @@ PYBIND11_MODULE(_C, m) {
                               ptr xc, ptr v, ptr g, ptr d_norm, ptr W_enc, ptr b_enc, ptr W_dec, ptr m_W_enc,
                               ptr s_W_enc, ptr m_b_enc, ptr s_b_enc, ptr m_W_dec, ptr s_W_dec, float step_size,
                               float bc2_sqrt, double beta1, double beta2, float eps, bool project, bool renorm,
-                              int threads) {
+                              ptr enc_sum, int threads) {
     const sae_fast::AdamScalars adam{step_size, bc2_sqrt, beta1, beta2, eps};
     return sae_fast::fused_adam_step(P<const int32_t>(idx), P<const float>(pre), B, K, K_main, n, d,
                                      P<const float>(dp), P<const float>(xc), P<const float>(v), P<const float>(g),
                                      P<const float>(d_norm), P<float>(W_enc), P<float>(b_enc), P<float>(W_dec),
                                      P<float>(m_W_enc), P<float>(s_W_enc), P<float>(m_b_enc), P<float>(s_b_enc),
-                                     P<float>(m_W_dec), P<float>(s_W_dec), adam, project, renorm, threads);
+                                     P<float>(m_W_dec), P<float>(s_W_dec), adam, project, renorm,
+                                     P<float>(enc_sum), threads);
   }, nogil);
 
   m.def("topk_capacity", &sae_fast::topk_capacity_of);

@@ -91,19 +91,22 @@ def prefix_fvus(prefixes: Tensor, x: Tensor) -> Tensor:
 
 def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_main: int, dp: Tensor, xc: Tensor,
                       v: Tensor, S: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
-                      project: bool, renorm: bool) -> None:
+                      project: bool, renorm: bool) -> Tensor | None:
     """The backend's ``fused_adam_step`` for a Matryoshka SAE: a group's latents take their decoder rows from
     S_g (S: ``ops.suffix_sums`` of the prefixes' gradients), so the step runs once per group on that group's
     rows of the parameters and moments (contiguous row slices), the entries of other groups left out as
     padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
-    only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None."""
+    only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None.
+    Returns the sum of the groups' encoder sums where the backend has them (``fused_step_sums_encoder``)."""
     group = torch.bucketize(idx.long(), torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device), right=True)
-    lo = 0
+    lo, enc_sum = 0, None
     for p, hi in enumerate(widths):
         mine = group == p
         rows = S[p] if g_aux is None else torch.cat([S[p], g_aux.to(S.dtype)])
         cut = slice(lo, hi)
-        backend.fused_adam_step(torch.where(mine, idx - lo, 0), torch.where(mine, pre, float("-inf")), k_main, dp,
-                                xc, v, rows.contiguous(), None if d_norm is None else d_norm[cut],
-                                [t[cut] for t in params], [t[cut] for t in moments], adam, project, renorm)
+        part = backend.fused_adam_step(torch.where(mine, idx - lo, 0), torch.where(mine, pre, float("-inf")), k_main,
+                                       dp, xc, v, rows.contiguous(), None if d_norm is None else d_norm[cut],
+                                       [t[cut] for t in params], [t[cut] for t in moments], adam, project, renorm)
+        enc_sum = part if enc_sum is None else enc_sum + part
         lo = hi
+    return enc_sum

@@ -19,10 +19,12 @@ Primitives (shapes as in reference.py; ``pre`` are pre-activations of the select
     matryoshka_gather_dot(S, idx, W, widths) -> (B, K): <S[g(idx[b,j]), b], W[idx[b, j]]>
     matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype) -> latent_backward's three
         gradients with dW_dec[i] = sum v[b,j] * S[g(i), b] (one pass for every prefix's loss)
-    fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None:
+    fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None | (d,):
         the training step's latent-row work in one pass (sae_fast.optim.FusedAdam): the gradient rows
         above, the L1 and parallel-component terms, Adam and the decoder renormalisation, in place.
         Only backends whose ``fused_step_supported`` says so; the torch backend keeps the unfused path.
+        Backends with ``fused_step_sums_encoder`` also return sum_e dp[e] * W_enc[idx[e]] (W_enc before the
+        update; b_dec's gradient through the encoder is minus it), summed while the rows are in cache.
 Variable-length lists are padded with (pre = -inf, idx = 0), so every activation maps padding to 0.
 bf16/fp16 inputs are computed in fp32 (scores, sums); results come back in the inputs' dtype; indices are int32.
 Weights may be fp32 beside 16-bit activations (master weights): selections come back in x's dtype,
@@ -186,6 +188,8 @@ class SparseBackend:
         return dW_enc, db_enc, dW_dec
 
     # ------------------------------------------------------------------ fused training step
+    fused_step_sums_encoder = False  # see fused_adam_step
+
     def fused_step_supported(self, dtype: torch.dtype) -> bool:
         """Whether ``fused_adam_step`` runs beside activations of ``dtype`` (fp32 weights and moments)."""
         return False

@@ -272,6 +272,8 @@ class CpuBackend(SparseBackend):
         return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))
 
     # ------------------------------------------------------------------ fused training step
+    fused_step_sums_encoder = True
+
     def fused_step_supported(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32
 
@@ -288,12 +290,14 @@ class CpuBackend(SparseBackend):
         idx, pre, dp, v, xc, g = _i32(idx), _f32(pre), _f32(dp), _f32(v), _f32(xc), _f32(g)
         d_norm = None if d_norm is None else _f32(d_norm)
         step_size, bc2_sqrt, beta1, beta2, eps = adam
+        enc_sum = torch.empty(d, dtype=torch.float32)
         # Bounds are checked inside the kernel's sort (no host read of a tensor); nothing is updated if bad.
         bad = _C.fused_adam_step(idx.data_ptr(), pre.data_ptr(), B, K, k_main, n, d, dp.data_ptr(), xc.data_ptr(),
                                  v.data_ptr(), g.data_ptr(), _ptr(d_norm), *(t.data_ptr() for t in params),
                                  *(t.data_ptr() for t in moments), step_size, bc2_sqrt, beta1, beta2, eps,
-                                 bool(project), bool(renorm), _threads(n * d + B * K * d))
+                                 bool(project), bool(renorm), enc_sum.data_ptr(), _threads(n * d + B * K * d))
         _raise_if_bad(bad, idx, n)
+        return enc_sum
 
 
     # ------------------------------------------------------------------ Matryoshka (csrc/cpu/matryoshka.h)
