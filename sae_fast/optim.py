@@ -212,7 +212,7 @@ class FusedAdam(torch.optim.Adam):
             inputs += [xh, b_dec_l]
             if cfg.skip_connection:  # a dense (d_out, d_in) term: a plain gradient and Adam below
                 W_skip_l = sae.W_skip.detach().requires_grad_()
-                x_hat = x_hat + x @ W_skip_l.T
+                x_hat = x_hat + x.float() @ W_skip_l.T  # fp32 master weight beside 16-bit x
                 inputs.append(W_skip_l)
             xf, x_hat_f = y.float(), x_hat.float()
             mse, fvu = R.mse(x_hat_f, xf), R.fvu(x_hat_f, xf)
