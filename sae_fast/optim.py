@@ -15,7 +15,11 @@ The state is ``torch.optim.Adam``'s (this class is one: ``exp_avg``, ``exp_avg_s
 parameter, in ``sae.parameters()`` order), so checkpoints resume across fused and unfused steps, and
 ``step()`` is plain Adam on ``.grad``. Where no fused kernel applies (the torch and reference backends,
 16-bit activations or autocast on CPU, eval mode, a param group changed to weight decay, amsgrad or
-maximize) ``step_fused`` runs the unfused step instead, with the same result up to float rounding.
+maximize, a Matryoshka SAE, a transcoder whose output is wider or narrower than its input) ``step_fused``
+runs the unfused step instead, with the same result up to float rounding.
+
+A transcoder (``step_fused(x, target=y)``) runs the same kernels with a zero encoder bias and ``xc = x``; its
+loss reads y, and a skip connection's W_skip (dense) gets its gradient from the small graph and Adam in torch.
 """
 from __future__ import annotations
 
