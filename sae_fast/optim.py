@@ -149,7 +149,7 @@ class FusedAdam(torch.optim.Adam):
 
     def _unfused(self, x: Tensor, sparsity_weight: float, target: Tensor | None = None) -> SAEOutput:
         sae = self.sae
-        out = sae(x, target)
+        out = sae(x) if target is None else sae(x, target=target)
         training_loss(sae, out, sparsity_weight).backward()
         if self.unit_norm_decoder:
             sae.remove_parallel_grad_()

@@ -311,12 +311,8 @@ class SparseAutoencoder(nn.Module):
                 if cfg.transcode:
                     x_hat = x_hat + b_dec.to(x_hat.dtype)
             else:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
-                if k_aux:
-                    values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
-                        xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
-                else:
-                    values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
-                    aux_values, aux_indices = values[:, :0], indices[:, :0]
+                values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
+                    xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
                 x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
         else:
             values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_in, return_l0=True)
