@@ -9,7 +9,9 @@ thresholds: (B, K), (B, d) and (n,) tensors), and hands the per-entry gradients 
 W_enc, b_enc and W_dec gradient rows, adds the L1 term, removes the parallel component, updates Adam's
 moments and the parameters and renormalises the decoder row. The (n, d) gradients are never written.
 Latents with no entry get Adam's exact update from their moments in the same streaming pass. b_dec and
-JumpReLU's log-thresholds (vectors) get the same Adam update in torch.
+JumpReLU's log-thresholds (vectors) get the same Adam update in torch. A Matryoshka SAE's prefixes come
+from one decode; the kernel then runs once per group on that group's rows (``matryoshka.grouped_adam_step``:
+its decoder rows are the suffix sums of the prefixes' gradients), still one update per latent.
 
 The state is ``torch.optim.Adam``'s (this class is one: ``exp_avg``, ``exp_avg_sq``, ``step`` per
 parameter, in ``sae.parameters()`` order), so checkpoints resume across fused and unfused steps, and
@@ -29,9 +31,10 @@ import torch
 from torch import Tensor
 
 from . import reference as R
-from .checks import check_encoder
+from .checks import check_encoder, dead_bound
 from .dispatch import get_backend
-from .ops import _SparseDecode, gather_latents
+from .matryoshka import _MatryoshkaDecode, grouped_adam_step, prefix_fvus
+from .ops import _SparseDecode, gather_latents, suffix_sums
 from .sae import SAEOutput, SparseAutoencoder
 
 UNIT_NORM_ACTIVATIONS = ("topk", "batchtopk")
@@ -111,8 +114,6 @@ class FusedAdam(torch.optim.Adam):
     def fused_reason(self, x: Tensor) -> str | None:
         """Why ``step_fused(x)`` would run the unfused step, or None when it runs fused."""
         sae = self.sae
-        if sae.cfg.matryoshka is not None:
-            return "a Matryoshka SAE's prefix losses are not in the fused step"
         if sae.d_out != sae.d_in:
             return "a transcoder with d_out != d_in: the fused kernel takes one width for x and the output"
         backend = get_backend(x.device)
@@ -191,7 +192,8 @@ class FusedAdam(torch.optim.Adam):
             dead = sae.dead_mask if k_aux else None
             theta = sae.log_threshold.exp() if act == "jumprelu" else None
             if act == "topk":
-                pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
+                with dead_bound(sae.dead_bound if k_aux else None):
+                    pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
             elif act == "batchtopk":
                 pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_in, cfg.k)
             elif act == "relu":
@@ -210,16 +212,24 @@ class FusedAdam(torch.optim.Adam):
                 l0_soft = R.StepFn.apply(pre_l, theta_l, cfg.jumprelu_bandwidth).sum(-1).mean()
             else:
                 values = torch.relu(pre_l)
-            xh = _SparseDecode.apply(values, idx, W_d, None, backend.name)
+            widths = cfg.matryoshka
             b_dec_l = b_dec.detach().requires_grad_()
-            x_hat = xh + b_dec_l
+            if widths is None:
+                xh = _SparseDecode.apply(values, idx, W_d, None, backend.name)
+                x_hat = xh + b_dec_l
+            else:  # every prefix (G, B, d) from one decode; their gradients, suffix-summed, feed the kernel
+                xh = _MatryoshkaDecode.apply(values, idx, W_d, None, widths, backend.name)
+                prefixes = xh + b_dec_l
+                x_hat = prefixes[-1]
             inputs += [xh, b_dec_l]
             if cfg.skip_connection:  # a dense (d_out, d_in) term: a plain gradient and Adam below
                 W_skip_l = sae.W_skip.detach().requires_grad_()
                 x_hat = x_hat + x.float() @ W_skip_l.T  # fp32 master weight beside 16-bit x
                 inputs.append(W_skip_l)
             xf, x_hat_f = y.float(), x_hat.float()
-            mse, fvu = R.mse(x_hat_f, xf), R.fvu(x_hat_f, xf)
+            mse = R.mse(x_hat_f, xf)
+            prefix_fvu = None if widths is None else prefix_fvus(prefixes, xf)
+            fvu = R.fvu(x_hat_f, xf) if widths is None else prefix_fvu[-1]
             norms = W_d.float().norm(dim=-1).requires_grad_(act == "relu")
             l1 = (values.float() * gather_latents(norms, idx)).sum(-1).mean()
             aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -231,7 +241,7 @@ class FusedAdam(torch.optim.Adam):
                 aux_loss = R.fvu(e_hat.float(), residual) * dead.any()
                 inputs += [aux_l, e_hat]
             if act in UNIT_NORM_ACTIVATIONS:
-                loss = fvu + cfg.aux_coeff * aux_loss
+                loss = (fvu if widths is None else prefix_fvu.sum()) + cfg.aux_coeff * aux_loss
                 train_loss = loss
             elif act == "relu":
                 loss = mse + cfg.l1_coeff * l1
@@ -252,22 +262,32 @@ class FusedAdam(torch.optim.Adam):
                 adp, g_aux = rest[:2]
                 idx_all, pre_all = torch.cat([idx, aux_idx], 1), torch.cat([pre, aux_pre], 1)
                 dp_all, v_all = torch.cat([dp, adp], 1), torch.cat([v, aux_values.detach()], 1)
-                g_all = torch.cat([g, g_aux.to(g.dtype)], 0)
+                g_all = None if widths else torch.cat([g, g_aux.to(g.dtype)], 0)
             else:
                 idx_all, pre_all, dp_all, v_all, g_all = idx, pre, dp, v, g
+                g_aux = None
             # b_dec enters the encoder through x - b_dec: its gradient there is -sum_e dp[e] W_enc[idx[e]]
-            # (read before the kernel updates W_enc).
-            # (read before the kernel updates W_enc). Not for a transcoder, whose encoder does not read b_dec.
-            if not cfg.transcode:
+            # (W_enc before the update): summed by the kernel where it can, with the rows in cache. Not for a
+            # transcoder, whose encoder does not read b_dec.
+            sums_encoder = getattr(backend, "fused_step_sums_encoder", False)
+            if not sums_encoder and not cfg.transcode:
                 dp_real = torch.where(torch.isneginf(pre_all), 0.0, dp_all)
                 g_b_dec = g_b_dec - backend.sparse_decode(dp_real, idx_all, W_enc.detach(), None).sum(0)
             xc = (x.float() - b_in.float()).contiguous()
             adam = self._adam_scalars()
             params = [W_enc, b_enc, W_dec]
             moments = [t for p in params for t in (self._state(p)["exp_avg"], self._state(p)["exp_avg_sq"])]
-            backend.fused_adam_step(idx_all, pre_all, idx.shape[1], dp_all, xc, v_all, g_all,
-                                    rest[-1] if act == "relu" else None, [p.data for p in params], moments,
-                                    adam, self.unit_norm_decoder, self.unit_norm_decoder)
+            d_norm = rest[-1] if act == "relu" else None
+            if widths is None:
+                enc_sum = backend.fused_adam_step(idx_all, pre_all, idx.shape[1], dp_all, xc, v_all, g_all, d_norm,
+                                                  [p.data for p in params], moments, adam, self.unit_norm_decoder,
+                                                  self.unit_norm_decoder)
+            else:
+                enc_sum = grouped_adam_step(backend, widths, idx_all, pre_all, idx.shape[1], dp_all, xc, v_all,
+                                            suffix_sums(g), g_aux, d_norm, [p.data for p in params], moments, adam,
+                                            self.unit_norm_decoder, self.unit_norm_decoder)
+            if sums_encoder and not cfg.transcode:
+                g_b_dec = g_b_dec - enc_sum.to(g_b_dec.dtype)
             small = [(b_dec, g_b_dec)] + ([(sae.log_threshold, rest[-1])] if act == "jumprelu" else []) \
                 + ([(sae.W_skip, g_skip)] if cfg.skip_connection else [])
             for p, gr in small:
@@ -280,4 +300,5 @@ class FusedAdam(torch.optim.Adam):
             l0 = (v > 0).sum(-1).float().mean()
         d = sae.d_out
         return SAEOutput(x_hat.detach().reshape(*lead, d), v.reshape(*lead, -1), idx.reshape(*lead, -1),
-                         loss.detach(), mse.detach(), fvu.detach(), aux_loss.detach(), l1.detach(), l0)
+                         loss.detach(), mse.detach(), fvu.detach(), aux_loss.detach(), l1.detach(), l0,
+                         None if prefix_fvu is None else prefix_fvu.detach())

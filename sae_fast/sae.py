@@ -17,15 +17,14 @@ through ``sae_fast.folders``, every format registered there: SAELens and sparsif
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import folders, ops, reference
+from .checks import dead_bound
 from .folders import (
     CONFIG_FILE,
     FolderFormat,
@@ -38,101 +37,11 @@ from .folders import (
     take,
     write_weights_and_config,
 )
-from .matryoshka import check_widths, prefix_reconstructions
+from .matryoshka import matryoshka_decode, prefix_fvus
+from .sae_config import ACTIVATIONS, Activation, SAEConfig  # noqa: F401 (SAEConfig and the names live here too)
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
-
-Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
-
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    """Width of the activations the SAE reads."""
-    n_latents: int
-    """Number of dictionary features."""
-    activation: Activation = "topk"
-    """Sparsity mechanism: topk | batchtopk | relu (with decoder-norm-weighted L1) | jumprelu."""
-    k: int = 32
-    """Active latents per token for topk; average per token for batchtopk."""
-    l1_coeff: float = 5.0
-    """relu: weight of the L1 penalty sum_i f_i ||W_dec_i||."""
-    l0_coeff: float = 1.0
-    """jumprelu: weight of the L0 penalty."""
-    jumprelu_bandwidth: float = 1e-3
-    """jumprelu: width of the straight-through estimator's rectangle kernel."""
-    jumprelu_init_threshold: float = 1e-3
-    """jumprelu: initial per-latent threshold."""
-    k_aux: Optional[int] = None
-    """AuxK: dead latents used to model the residual per token (default d_in // 2; 0 turns AuxK off)."""
-    aux_coeff: float = 1 / 32
-    """AuxK: weight of the auxiliary loss."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead."""
-    matryoshka: Optional[list[int]] = None
-    """topk/batchtopk: cumulative prefix widths [m_1, ..., n] (SAELens' matryoshka_widths); the loss sums
-    every prefix's FVU (see reference.py). None: a plain SAE."""
-    transcode: bool = False
-    """A transcoder: reads a module's input x (d_in) and predicts its output y (d_out), ``sae(x, target=y)``.
-    Its encoder reads x itself, with no b_dec subtracted (b_dec is in the output space), and W_dec starts at
-    zero with no unit-norm constraint: sparsify's convention (SparseCoder, transcode=True). Math in reference.py."""
-    d_out: Optional[int] = None
-    """Transcoders: width of the predicted output (default d_in; an SAE's output is its input)."""
-    skip_connection: bool = False
-    """Add a learned linear skip term ``x @ W_skip.T``, W_skip (d_out, d_in) zero at init (sparsify's
-    skip_connection, SAELens' SkipTranscoder)."""
-
-    def __post_init__(self):
-        # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
-        # numpy integers are integers (stored as int), 2.5 and True are not.
-        self.d_out = self.d_in if self.d_out is None else self.d_out
-        for name in ("d_in", "n_latents", "k", "dead_tokens", "d_out") + (("k_aux",) if self.k_aux is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{name} must be an int; got {type(v).__name__} {v!r}")
-            setattr(self, name, int(v))
-        for name in ("d_in", "n_latents", "dead_tokens", "d_out"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
-        if self.k_aux is None:
-            self.k_aux = self.d_in // 2
-        if self.k_aux < 0:
-            raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise TypeError(f"{name} must be a finite number; got {type(v).__name__} {v!r}")
-            setattr(self, name, float(v))
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
-            raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
-        if self.matryoshka is not None:
-            self.matryoshka = check_widths(self.matryoshka, self.n_latents, self.activation)
-        for name in ("transcode", "skip_connection"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
-        if self.d_out != self.d_in and not self.transcode:
-            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}, which only a transcoder "
-                             "(transcode=True) can do")
-        if self.transcode and self.matryoshka is not None:
-            raise ValueError("matryoshka transcoders are not supported; use matryoshka=None with transcode=True")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 class SAEOutput(NamedTuple):
     x_hat: Tensor      # (..., d_in) reconstruction
@@ -179,6 +88,7 @@ class SparseAutoencoder(nn.Module):
         # Training state: tokens since each latent last fired (AuxK's dead set); BatchTopK's global threshold.
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64, device=device))
         self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+        self._dead_budget = -1  # dead_bound() reads the counters again once this many tokens are used up
 
     # ------------------------------------------------------------------ properties
     @property
@@ -203,6 +113,21 @@ class SparseAutoencoder(nn.Module):
     def dead_mask(self) -> Tensor:
         """(n,) bool: latents that have not fired for ``cfg.dead_tokens`` training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dead_budget = -1  # new counters: dead_bound() reads them again
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def dead_bound(self) -> int:
+        """At most this many latents are dead until training has advanced a quarter of ``cfg.dead_tokens``
+        more tokens: the counters grow by at most the tokens seen, so a latent dead by then counts at least
+        dead_tokens * 3/4 now. One host read per such horizon (the triton backend sizes AuxK's dead rows with
+        it, and checks it on the device)."""
+        if getattr(self, "_dead_budget", -1) < 0:  # (a module pickled before this attribute: none)
+            horizon = max(1, self.cfg.dead_tokens // 4)
+            self._dead_bound = int((self.tokens_since_fired >= self.cfg.dead_tokens - horizon).sum())
+            self._dead_budget = horizon
+        return self._dead_bound
 
     # ------------------------------------------------------------------ encode / decode
     def _weights(self, x: Tensor):
@@ -302,21 +227,32 @@ class SparseAutoencoder(nn.Module):
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
             k_aux = cfg.k_aux if use_aux else 0
-            if cfg.d_out == cfg.d_in:
-                # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
-                # A transcoder's encoder bias is zero there; its b_dec is added after the decode.
-                res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_in, cfg.k, dead, k_aux, pad_aux=True)
-                values, indices, x_hat = res.values, res.indices, res.x_hat
-                aux_values, aux_indices = res.aux_values, res.aux_indices
-                if cfg.transcode:
-                    x_hat = x_hat + b_dec.to(x_hat.dtype)
-            else:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
-                values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
-                    xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
+            prefixes = None
+            # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
+            with dead_bound(self.dead_bound if use_aux else None):
+                if cfg.d_out == cfg.d_in:
+                    # A transcoder's encoder bias is zero there; its b_dec is added after the decode.
+                    res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_in, cfg.k, dead, k_aux, pad_aux=True,
+                                       matryoshka=cfg.matryoshka)
+                    values, indices, x_hat, prefixes = res.values, res.indices, res.x_hat, res.prefixes
+                    aux_values, aux_indices = res.aux_values, res.aux_indices
+                    if cfg.transcode:
+                        x_hat = x_hat + b_dec.to(x_hat.dtype)
+                elif k_aux:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
+                    values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
+                        xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
+                else:
+                    values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
+                    aux_values, aux_indices = values[:, :0], indices[:, :0]
+            if cfg.d_out != cfg.d_in:
                 x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
         else:
             values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_in, return_l0=True)
-            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+            if cfg.matryoshka is None:
+                prefixes, x_hat = None, ops.sparse_decode(values, indices, W_dec, b_dec)
+            else:  # every prefix from one decode pass; the last is the full reconstruction
+                prefixes = matryoshka_decode(values, indices, W_dec, b_dec, cfg.matryoshka)
+                x_hat = prefixes[-1]
         if cfg.skip_connection:
             x_hat = x_hat + xc @ self._as(self.W_skip, dtype).T
         if cfg.activation == "topk" and aux_values.shape[1]:
@@ -326,13 +262,11 @@ class SparseAutoencoder(nn.Module):
 
         xf, x_hat_f = y2.float(), x_hat.float()
         mse = reference.mse(x_hat_f, xf)
-        fvu = reference.fvu(x_hat_f, xf)
         l1 = ops.decoder_norm_l1(values, indices, W_dec)
         l0 = (values > 0).sum(-1).float().mean()
-        prefix_fvu = None
-        if cfg.matryoshka is not None:
-            prefixes = prefix_reconstructions(values, indices, W_dec, b_dec, cfg.matryoshka, x_hat)
-            prefix_fvu = torch.stack([reference.fvu(p.float(), xf) for p in prefixes[:-1]] + [fvu])
+        prefix_fvu = None if prefixes is None else prefix_fvus(prefixes, xf)  # all prefixes in one reduction
+        fvu = reference.fvu(x_hat_f, xf) if prefix_fvu is None else prefix_fvu[-1]
+        if prefix_fvu is not None:
             loss = prefix_fvu.sum() + cfg.aux_coeff * aux_loss
         elif cfg.activation in ("topk", "batchtopk"):
             loss = fvu + cfg.aux_coeff * aux_loss
@@ -353,6 +287,7 @@ class SparseAutoencoder(nn.Module):
         hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
             0, indices.reshape(-1).long(), active.reshape(-1).to(self.tokens_since_fired.dtype))
         self.tokens_since_fired.copy_(torch.where(hits > 0, 0, self.tokens_since_fired + values.shape[0]))
+        self._dead_budget = getattr(self, "_dead_budget", -1) - values.shape[0]
         if self.cfg.activation == "batchtopk":
             # EMA of the smallest kept activation: the inference threshold (unchanged by a batch with none)
             m = torch.where(active, values, float("inf")).amin().float()

@@ -145,7 +145,8 @@ def test_batch_topk_select_fuzzed(B, d, n, seed, data):
     check_batch_topk(B, d, n, k, seed=seed, span=1 + seed % 3, hot_row=data.draw(st.sampled_from([None, 0, B - 1])))
 
 
-@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (7, 3, 33, 5), (33, 7, 1000, 64), (64, 32, 4096, 130)])
+# d = 515: two column spans (384 + 131) of the AVX-512 reduction, with a masked tail
+@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (7, 3, 33, 5), (33, 7, 1000, 64), (64, 32, 4096, 130), (9, 40, 50, 515)])
 def test_latent_backward_exact(B, K, n, d):
     g = torch.Generator().manual_seed(B + n)
     r = lambda *s: torch.randint(-3, 4, s, generator=g).float()
@@ -164,7 +165,20 @@ def test_latent_backward_exact(B, K, n, d):
     assert only_dec[0] is None and only_dec[1] is None and torch.equal(only_dec[2], got[2])
 
 
-@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (33, 7, 1000, 100), (64, 32, 2048, 130)])
+@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (5, 3, 9, 17), (33, 7, 100, 384), (9, 40, 50, 515)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_decode_and_gather_dot_exact(B, K, n, d, bias):
+    # fp32 decode rows live in AVX-512 registers up to 384 columns at a time (masked tails); zero values skipped.
+    g = torch.Generator().manual_seed(B * d)
+    r = lambda *s: torch.randint(-3, 4, s, generator=g).float()
+    v, W, grad, b = r(B, K), r(n, d), r(B, d), r(d) if bias else None
+    idx = torch.randint(0, n, (B, K), generator=g, dtype=torch.int32)
+    want = (v.double()[..., None] * W.double()[idx.long()]).sum(1) + (0 if b is None else b.double())
+    assert torch.equal(CPU.sparse_decode(v, idx, W, b).double(), want)
+    assert torch.equal(CPU.gather_dot(grad, idx, W).double(), (grad.double()[:, None] * W.double()[idx.long()]).sum(-1))
+
+
+@pytest.mark.parametrize("B,K,n,d", [(1, 1, 1, 1), (33, 7, 1000, 100), (64, 32, 2048, 130), (9, 40, 50, 515)])
 def test_bf16_storage_computes_in_fp32_and_rounds_once(B, K, n, d):
     g = torch.Generator().manual_seed(n)
     bf = lambda *s: torch.randn(*s, generator=g).bfloat16()

@@ -86,6 +86,12 @@ def test_fused_step_matches_unfused_reference_path(case, shape):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", ["topk+auxk", "relu"])
+def test_fused_step_over_several_latent_blocks(case):
+    # n > 256: the cpu kernel sums b_dec's encoder-side gradient per block of 256 latents, then the blocks.
+    test_fused_step_matches_unfused_reference_path(case, (29, 12, 700))
+
+
 @pytest.mark.parametrize("backend", INTERPRETED_TRITON)
 @pytest.mark.parametrize("case", ["topk+auxk", "batchtopk", "relu", "jumprelu"])
 def test_triton_fused_step_matches_unfused(backend, case):

@@ -1,5 +1,6 @@
 #include "fused_step.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -9,6 +10,7 @@ namespace sae_fast {
 
 namespace {
 
+using detail::dot;
 using detail::reduce_row;
 using detail::sort_by_latent;
 
@@ -37,31 +39,30 @@ struct Adam {
   }
 };
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
-  return s;
-}
-
 }  // namespace
 
 int64_t fused_adam_step(const int32_t* idx, const float* pre, int64_t B, int64_t K, int64_t K_main, int64_t n,
                         int64_t d, const float* dp, const float* xc, const float* v, const float* g,
                         const float* d_norm, float* W_enc, float* b_enc, float* W_dec, float* m_W_enc,
                         float* s_W_enc, float* m_b_enc, float* s_b_enc, float* m_W_dec, float* s_W_dec,
-                        AdamScalars scalars, bool project, bool renorm, int threads) {
+                        AdamScalars scalars, bool project, bool renorm, float* enc_sum, int threads) {
   std::vector<int64_t> start, entry;
   // Entries with dp == v == 0 (below-zero TopK and AuxK entries) add exactly nothing: left out too.
   const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, pre, dp, v);
   if (bad) return bad;
   const Adam adam(scalars);
+  // Threads take whole blocks of latents, so each block's enc_sum partial has one owner and one order.
+  constexpr int64_t kSumBlock = 256;
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<float> part(enc_sum ? blocks * d : 0);
+  std::vector<char> part_used(enc_sum ? blocks : 0, 0);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> roff_x, roff_g;
     std::vector<float> cw, cv, gw(d), gd(d);
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t i = blk * kSumBlock, i_end = std::min(n, i + kSumBlock); i < i_end; ++i) {
       const int64_t* ent = entry.data() + start[i];
       const int64_t cnt = start[i + 1] - start[i];
       float* we = W_enc + i * d;
@@ -83,6 +84,13 @@ int64_t fused_adam_step(const int32_t* idx, const float* pre, int64_t B, int64_t
         }
         reduce_row(roff_x.data(), cw.data(), cnt, xc, d, gw.data());
         reduce_row(roff_g.data(), cv.data(), cnt, g, d, gd.data());
+        if (enc_sum && gb != 0.f) {  // W_enc's row before its update
+          float* acc = part.data() + blk * d;
+          if (!part_used[blk]) std::fill(acc, acc + d, 0.f);
+          part_used[blk] = 1;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) acc[c] += gb * we[c];
+        }
       } else if (has_grad) {
         std::fill(gd.begin(), gd.end(), 0.f);
       }
@@ -108,6 +116,13 @@ int64_t fused_adam_step(const int32_t* idx, const float* pre, int64_t B, int64_t
         for (int64_t c = 0; c < d; ++c) wd[c] /= norm;
       }
     }
+  }
+  if (enc_sum) {
+    std::fill(enc_sum, enc_sum + d, 0.f);
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      if (part_used[blk])
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) enc_sum[c] += part[blk * d + c];
   }
   return 0;
 }

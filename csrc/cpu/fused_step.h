@@ -22,12 +22,14 @@ struct AdamScalars {
 // for entries in columns j < K_main, g[B + row] for the rest
 // (AuxK's own dL/d(e_hat), so g has 2B rows then). xc (B, d) = x - b_dec. d_norm (n) or null:
 // dL/d||W_dec_i|| (ReLU's L1), added as d_norm[i] * W_dec[i] / ||W_dec[i]||. Moments m_*, s_* as
-// torch.optim.Adam's exp_avg, exp_avg_sq. Returns the number of entries with an index outside [0, n)
-// (nothing is updated then).
+// torch.optim.Adam's exp_avg, exp_avg_sq. enc_sum (d) or null: receives sum_e dp[e] * W_enc[idx[e]] over
+// the kept entries, read before the update (b_dec's gradient through the encoder is minus this), summed
+// per latent then per block of 256 latents in latent order: one order for any thread count.
+// Returns the number of entries with an index outside [0, n) (nothing is updated then).
 int64_t fused_adam_step(const int32_t* idx, const float* pre, int64_t B, int64_t K, int64_t K_main, int64_t n,
                         int64_t d, const float* dp, const float* xc, const float* v, const float* g,
                         const float* d_norm, float* W_enc, float* b_enc, float* W_dec, float* m_W_enc,
                         float* s_W_enc, float* m_b_enc, float* s_b_enc, float* m_W_dec, float* s_W_dec,
-                        AdamScalars adam, bool project, bool renorm, int threads);
+                        AdamScalars adam, bool project, bool renorm, float* enc_sum, int threads);
 
 }  // namespace sae_fast

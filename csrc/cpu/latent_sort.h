@@ -3,11 +3,18 @@
 // reduces that latent's entries in entry order. Every sum has one order, whatever the thread count.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace sae_fast {
 namespace detail {
@@ -96,8 +103,11 @@ inline int64_t sort_by_latent(const int32_t* idx, int64_t E, int64_t n, int thre
 // once per block of D columns (accumulators stay in registers; no memset, no read-modify-write).
 template <int D, typename O>
 inline void reduce_block(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t c0,
-                         O* out) {
+                         O* out, const float* init = nullptr) {
   float acc[D] = {};
+  if (init)
+#pragma omp simd
+    for (int c = 0; c < D; ++c) acc[c] = init[c0 + c];
   for (int64_t s = 0; s < cnt; ++s) {
     const float a = coef[s];
     const float* r = rows + roff[s] + c0;
@@ -108,17 +118,97 @@ inline void reduce_block(const int64_t* roff, const float* coef, int64_t cnt, co
   for (int c = 0; c < D; ++c) narrow(acc[c], out[c0 + c]);
 }
 
+#if defined(__AVX512F__)
+// AVX-512: up to 384 columns (24 zmm accumulators) per pass over the entries, so a row as wide as
+// d = 384 is read once, contiguously (measured 3-15x faster than 64-column blocks for AuxK's ~100
+// entries per dead latent). The same per-column sums, in the same entry order, as reduce_block.
+constexpr int kSpanVectors = 24;
+
+// init (null: zeros) is the accumulators' starting value, at column c0 like out.
+template <int NV>
+inline void reduce_span(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t c0,
+                        __mmask16 tail, const float* init, float* out) {
+  __m512 acc[NV];
+#pragma GCC unroll 24
+  for (int j = 0; j < NV - 1; ++j) acc[j] = init ? _mm512_loadu_ps(init + 16 * j) : _mm512_setzero_ps();
+  acc[NV - 1] = init ? _mm512_maskz_loadu_ps(tail, init + 16 * (NV - 1)) : _mm512_setzero_ps();
+  for (int64_t s = 0; s < cnt; ++s) {
+    const __m512 a = _mm512_set1_ps(coef[s]);
+    const float* r = rows + roff[s] + c0;
+#pragma GCC unroll 24
+    for (int j = 0; j < NV - 1; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(r + 16 * j), acc[j]);
+    acc[NV - 1] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(tail, r + 16 * (NV - 1)), acc[NV - 1]);
+  }
+#pragma GCC unroll 24
+  for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
+  _mm512_mask_storeu_ps(out + 16 * (NV - 1), tail, acc[NV - 1]);
+}
+
+using SpanFn = void (*)(const int64_t*, const float*, int64_t, const float*, int64_t, __mmask16, const float*,
+                        float*);
+template <int... I>
+constexpr std::array<SpanFn, sizeof...(I)> span_table(std::integer_sequence<int, I...>) {
+  return {&reduce_span<I + 1>...};
+}
+
+// out = init + sum_s coef[s] * rows[roff[s]] (init may be null: zeros).
 template <typename O>
-inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out) {
+inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out,
+                       const float* init = nullptr) {
+  static constexpr auto table = span_table(std::make_integer_sequence<int, kSpanVectors>{});
+  float tmp[16 * kSpanVectors];
+  for (int64_t c0 = 0; c0 < d; c0 += 16 * kSpanVectors) {
+    const int64_t w = std::min<int64_t>(16 * kSpanVectors, d - c0);
+    const int nv = static_cast<int>((w + 15) / 16);
+    const __mmask16 tail = static_cast<__mmask16>(w % 16 ? (1u << (w % 16)) - 1 : 0xFFFFu);
+    const float* in = init ? init + c0 : nullptr;
+    if constexpr (std::is_same_v<O, float>) {
+      table[nv - 1](roff, coef, cnt, rows, c0, tail, in, out + c0);
+    } else {
+      table[nv - 1](roff, coef, cnt, rows, c0, tail, in, tmp);
+      for (int64_t c = 0; c < w; ++c) narrow(tmp[c], out[c0 + c]);
+    }
+  }
+}
+
+// <a, b> over d floats with four independent accumulator chains (one chain is FMA-latency bound).
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 32), _mm512_loadu_ps(b + c + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 48), _mm512_loadu_ps(b + c + 48), s3);
+  }
+  for (; c + 16 <= d; c += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+  if (c < d) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (d - c)) - 1);
+    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, b + c), s1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+#else
+template <typename O>
+inline void reduce_row(const int64_t* roff, const float* coef, int64_t cnt, const float* rows, int64_t d, O* out,
+                       const float* init = nullptr) {
   constexpr int D = 64;
   int64_t c0 = 0;
-  for (; c0 + D <= d; c0 += D) reduce_block<D>(roff, coef, cnt, rows, c0, out);
+  for (; c0 + D <= d; c0 += D) reduce_block<D>(roff, coef, cnt, rows, c0, out, init);
   for (; c0 < d; ++c0) {
-    float acc = 0.f;
+    float acc = init ? init[c0] : 0.f;
     for (int64_t s = 0; s < cnt; ++s) acc += coef[s] * rows[roff[s] + c0];
     narrow(acc, out[c0]);
   }
 }
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
+  return s;
+}
+#endif
 
 }  // namespace detail
 }  // namespace sae_fast

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace sae_fast {
@@ -49,6 +50,27 @@ inline void decode_block(const float* vals, const int32_t* ids, int64_t K, const
 template <typename W>
 void sparse_decode_t(const float* values, const int32_t* idx, const W* Wm, const float* bias, float* out,
                      int64_t B, int64_t K, int64_t d, int threads) {
+  if constexpr (std::is_same_v<W, float>) {
+    // fp32: the latent-sorted reduction's register spans (a d = 384 row of out in registers): the
+    // same per-column sums in entry order, zero coefficients skipped as below.
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<int64_t> roff(K);
+      std::vector<float> coef(K);
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t cnt = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const float a = values[b * K + j];
+          if (a == 0.f) continue;
+          roff[cnt] = static_cast<int64_t>(idx[b * K + j]) * d;
+          coef[cnt++] = a;
+        }
+        detail::reduce_row(roff.data(), coef.data(), cnt, Wm, d, out + b * d, bias);
+      }
+    }
+    return;
+  }
   constexpr int D = 128;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t b = 0; b < B; ++b) {
@@ -70,8 +92,11 @@ void gather_dot_t(const float* g, const int32_t* idx, const W* Wm, float* out, i
                   int threads) {
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < K; ++j)
-      out[b * K + j] = dot(g + b * d, Wm + static_cast<int64_t>(idx[b * K + j]) * d, d);
+    for (int64_t j = 0; j < K; ++j) {
+      const W* r = Wm + static_cast<int64_t>(idx[b * K + j]) * d;
+      if constexpr (std::is_same_v<W, float>) out[b * K + j] = detail::dot(g + b * d, r, d);
+      else out[b * K + j] = dot(g + b * d, r, d);
+    }
 }
 
 }  // namespace

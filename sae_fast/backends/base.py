@@ -13,10 +13,18 @@ Primitives (shapes as in reference.py; ``pre`` are pre-activations of the select
     latent_backward(idx, n, dp, xc, v, g, grad_dtype) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
         dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b];  db_enc[i] = sum dp[b,j];  dW_dec[i] = sum v[b,j] * g[b]
         in ``grad_dtype`` (fp32 gradients of master weights from 16-bit xc and g), else xc's and g's dtypes
-    fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None:
+    Matryoshka (``widths`` = cumulative prefix widths m_1 < ... < m_G = n; latent i is in group
+    g(i) = #{p: m_p <= i}; S (G, B, d) = suffix sums over prefixes of dL/dx_hat_p, S_g = sum_{p >= g}):
+    matryoshka_decode(values, idx, W, bias, widths) -> (G, B, d): prefix p sums the entries below m_p
+    matryoshka_gather_dot(S, idx, W, widths) -> (B, K): <S[g(idx[b,j]), b], W[idx[b, j]]>
+    matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype) -> latent_backward's three
+        gradients with dW_dec[i] = sum v[b,j] * S[g(i), b] (one pass for every prefix's loss)
+    fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None | (d,):
         the training step's latent-row work in one pass (sae_fast.optim.FusedAdam): the gradient rows
         above, the L1 and parallel-component terms, Adam and the decoder renormalisation, in place.
         Only backends whose ``fused_step_supported`` says so; the torch backend keeps the unfused path.
+        Backends with ``fused_step_sums_encoder`` also return sum_e dp[e] * W_enc[idx[e]] (W_enc before the
+        update; b_dec's gradient through the encoder is minus it), summed while the rows are in cache.
 Variable-length lists are padded with (pre = -inf, idx = 0), so every activation maps padding to 0.
 bf16/fp16 inputs are computed in fp32 (scores, sums); results come back in the inputs' dtype; indices are int32.
 Weights may be fp32 beside 16-bit activations (master weights): selections come back in x's dtype,
@@ -180,6 +188,8 @@ class SparseBackend:
         return dW_enc, db_enc, dW_dec
 
     # ------------------------------------------------------------------ fused training step
+    fused_step_sums_encoder = False  # see fused_adam_step
+
     def fused_step_supported(self, dtype: torch.dtype) -> bool:
         """Whether ``fused_adam_step`` runs beside activations of ``dtype`` (fp32 weights and moments)."""
         return False
@@ -193,3 +203,39 @@ class SparseBackend:
         adam (step_size, sqrt(1 - beta2^t), beta1, beta2, eps). Raises ValueError on an index outside [0, n)."""
         raise NotImplementedError(f"the {self.name} backend has no fused training step")
 
+    # ------------------------------------------------------------------ Matryoshka (see the module docstring)
+    @staticmethod
+    def _groups(idx: Tensor, widths: list[int]) -> Tensor:
+        """g(idx) (B, K) int64: the group of each entry's latent."""
+        bounds = torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device)
+        return torch.bucketize(idx.long(), bounds, right=True)
+
+    def matryoshka_decode(self, values, idx, W, bias, widths):
+        check_indices(idx, W.shape[0])
+        group = self._groups(idx, widths)
+        parts = torch.stack([self.sparse_decode(torch.where(group == p, values, 0), idx, W, None).to(acc(W).dtype)
+                             for p in range(len(widths))])
+        out = parts.cumsum(0)
+        return (out if bias is None else out + acc(bias)).to(W.dtype)
+
+    def matryoshka_gather_dot(self, S, idx, W, widths):
+        check_indices(idx, W.shape[0])
+        Wa = acc(W)
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        s = acc(S)[self._groups(idx, widths), rows]  # (B, K, d): each entry's row of its group's S
+        return (s.to(Wa.dtype) * Wa[idx.long()]).sum(-1).to(W.dtype)
+
+    def matryoshka_latent_backward(self, idx, n, dp, xc, v, S, widths, grad_dtype=None):
+        dW_enc = db_enc = dW_dec = None
+        if dp is not None:
+            dW_enc, db_enc, _ = self.latent_backward(idx, n, dp, xc, None, None, grad_dtype)
+        if v is not None:
+            check_indices(idx, n)
+            B, K = idx.shape
+            Sa = acc(S)
+            rows = torch.arange(B, device=idx.device).repeat_interleave(K)
+            s = Sa[self._groups(idx, widths).reshape(-1), rows]
+            dW_dec = torch.zeros(n, Sa.shape[-1], dtype=Sa.dtype, device=Sa.device)
+            dW_dec.index_add_(0, idx.reshape(-1).long(), acc(v).reshape(-1, 1).to(Sa.dtype) * s)
+            dW_dec = dW_dec.to(grad_dtype or S.dtype)
+        return dW_enc, db_enc, dW_dec

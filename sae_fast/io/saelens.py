@@ -1,6 +1,10 @@
 """SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` with W_enc (d, n), b_enc, W_dec (n, d), b_dec
-(+ ``threshold`` for jumprelu, ``topk_threshold`` for batchtopk training checkpoints); cfg.json names the
-``architecture``.
+(+ ``threshold`` for jumprelu, ``topk_threshold`` for batchtopk and matryoshka_batchtopk training
+checkpoints); cfg.json names the ``architecture``. A ``matryoshka_batchtopk`` training checkpoint loads as a
+Matryoshka BatchTopK SAE (``matryoshka`` = its ``matryoshka_widths``, the same cumulative convention, d_sae
+appended when missing, as SAELens does); its ``use_matryoshka_aux_loss`` is a training option with no
+counterpart (sae-fast's BatchTopK trains without AuxK) and is not kept. Saved, a Matryoshka BatchTopK SAE
+is SAELens' inference form, JumpReLU with the learned threshold, as SAELens saves it.
 
 SAELens options with no counterpart in ``SparseAutoencoder`` are folded into the weights on load (in at
 least float32, then cast; weights no fold touches are kept bit for bit): ``apply_b_dec_to_input=False``,
@@ -37,7 +41,8 @@ SAELENS_WHITENING_FILE = "activation_whitening.safetensors"
 # cfg.json schema we write for SAELens: the 6.x layout (older files are converted on load, as SAELens does).
 SAELENS_SCHEMA_VERSION = "6.0.0"
 
-_SAELENS_ARCHS = ("standard", "topk", "jumprelu", "batchtopk")
+_SAELENS_ARCHS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+_BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
 # SAELens' transcoder classes (sae_lens.saes.transcoder): ReLU or JumpReLU, with or without W_skip.
 _TRANSCODER_ARCHS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
@@ -101,7 +106,8 @@ def _saelens_scaler(path: Path, norm: str, norm_scaling_factor, d: int):
 
 def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | None = None):
     """Load a SAELens SAE folder (``cfg.json`` + ``sae_weights.safetensors``): architectures standard (ReLU),
-    topk, jumprelu, and batchtopk training checkpoints; inference saves and training checkpoints.
+    topk, jumprelu, and batchtopk / matryoshka_batchtopk training checkpoints; inference saves and training
+    checkpoints.
 
     SAELens options are folded into the weights so the result takes raw activations: apply_b_dec_to_input,
     rescale_acts_by_decoder_norm, and ``normalize_activations`` expected_average_only_in (factor from
@@ -138,7 +144,7 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in t:
             W_dec = W_dec * take(t, name, (n,), weights_path, "d_sae").to(work)[:, None]
-    if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm", False):
+    if arch in ("topk", *_BATCH_TOPK) and cfg.get("rescale_acts_by_decoder_norm", False):
         # Scores were multiplied by ||W_dec_i|| before the selection and codes divided by it before decoding.
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms.clamp_min(1e-8)[:, None]
@@ -154,12 +160,18 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     extra = {}
     if arch == "standard":
         fields.update(activation="relu", l1_coeff=cfg.get("l1_coefficient", 5.0))
-    elif arch in ("topk", "batchtopk"):
+    elif arch in ("topk", *_BATCH_TOPK):
         k = cfg.get("k", 100)
         if not (isinstance(k, (int, float)) and float(k).is_integer()):
             raise ValueError(f"{cfg_path}: k must be a whole number for sae-fast; got {k!r}")
-        fields.update(activation=arch, k=int(k))
-        if arch == "batchtopk":
+        fields.update(activation="topk" if arch == "topk" else "batchtopk", k=int(k))
+        if arch == "matryoshka_batchtopk":
+            widths = cfg.get("matryoshka_widths")
+            if not isinstance(widths, list) or not widths:
+                raise ValueError(f"{cfg_path}: a matryoshka_batchtopk SAE needs a non-empty list matryoshka_widths; "
+                                 f"got {widths!r}")
+            fields["matryoshka"] = widths if widths[-1] == n else [*widths, n]  # SAELens appends d_sae too
+        if arch in _BATCH_TOPK:
             thr = t.pop("topk_threshold", None)
             extra["threshold"] = torch.tensor(0.0 if thr is None else float(thr), dtype=torch.float32)
     else:  # jumprelu: threshold (n,), or log_threshold in older checkpoints
@@ -228,7 +240,8 @@ def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | Non
     """Write ``sae`` as a SAELens inference SAE (``cfg.json`` + ``sae_weights.safetensors``), atomically.
 
     topk -> topk, relu -> standard, jumprelu -> jumprelu, batchtopk -> jumprelu with its learned global
-    threshold (what SAELens itself saves for BatchTopK). ``metadata`` (model_name, hook_name, ...) goes into
+    threshold (what SAELens itself saves for BatchTopK and Matryoshka BatchTopK; a Matryoshka SAE's prefix
+    widths are a training setting and are not written). ``metadata`` (model_name, hook_name, ...) goes into
     the cfg's metadata. ``act_scale``: the activation scale the SAE was trained with, folded into the weights
     (``fold_activation_scale``) so the file reads raw model activations (a transcoder's target may have its own
     ``target_scale``). Transcoders: relu -> transcoder, jumprelu/batchtopk -> jumprelu_transcoder (``skip_``
