@@ -5,6 +5,7 @@
 #   QUICK=1 bash benchmarks/gpu_run.sh OUT     # one command for a short GPU lease (meant to take < 8 min with
 #                                              # the build): GPU tests, the encoder A/B at W2, the W2 bench with
 #                                              # the trainer-step rows and sparsify, a profile of the fused step
+#                                              # (tests/test_gpu_quick.py dry-runs these steps on the interpreter)
 #   TUNE=1 bash benchmarks/gpu_run.sh          # also time the Triton launch configs (benchmarks/triton_tune.py)
 #   AB=0 bash benchmarks/gpu_run.sh            # skip the encoder / master-weight A/B (benchmarks/encoder_ab.py)
 # Offline machines: peers travel as wheels in .whl/ (see README "Benchmarks"); they are installed to /tmp/site.

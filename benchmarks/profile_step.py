@@ -14,6 +14,13 @@ import sae_fast
 from sae_fast.bench import WORKLOADS, make_setup, sae_fast_harness
 from sae_fast.bench.peers import trainer_step_harness
 
+DEVICE = "cuda"  # tests/test_gpu_quick.py dry-runs the script on CPU tensors under TRITON_INTERPRET=1
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,12 +31,12 @@ def main() -> None:
     ap.add_argument("--trace", help="also write the Chrome trace here")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
-    s = make_setup(w, torch.device("cuda"), "bf16")  # the bench's data (ReLU: b_enc shifted to mean L0 k)
+    s = make_setup(w, torch.device(DEVICE), "bf16")  # the bench's data (ReLU: b_enc shifted to mean L0 k)
     h = sae_fast_harness(s, args.backend)            # the bench's sae-fast row: same SAE, same weights
     opt = torch.optim.Adam(h.params, lr=1e-4)
 
     def step():
-        with sae_fast.use_backend(args.backend), torch.autocast("cuda", torch.bfloat16):
+        with sae_fast.use_backend(args.backend), torch.autocast(DEVICE, torch.bfloat16):
             _, loss = h.forward(s.x)
         loss.backward()
         h.project_grad()
@@ -41,20 +48,21 @@ def main() -> None:
         h = trainer_step_harness(s, args.backend)
 
         def step():
-            with sae_fast.use_backend(args.backend), torch.autocast("cuda", torch.bfloat16):
+            with sae_fast.use_backend(args.backend), torch.autocast(DEVICE, torch.bfloat16):
                 h.step(s.x)
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    _sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize()
+        _sync()
     print(f"{args.backend} {w}: {args.steps} {'fused ' if args.fused_step else ''}steps")
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=30, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cpu/fused_step.h"
+#include "cpu/matryoshka.h"
 #include "cpu/sparse_ops.h"
 #include "cpu/select.h"
 
@@ -69,5 +70,27 @@ PYBIND11_MODULE(_C, m) {
                              int64_t cap, ptr vals, ptr idx, ptr count, int threads) {
     sae_fast::threshold_scan(P<const float>(tile), ld, P<const float>(b_enc), P<const float>(cutoff), B, c0, m,
                              cap, P<float>(vals), P<int32_t>(idx), P<int64_t>(count), threads);
+  }, nogil);
+  // Matryoshka SAEs (cpu/matryoshka.h): widths is an int64 array of the G cumulative prefix widths.
+  m.def("matryoshka_decode", [](ptr values, ptr idx, ptr W, bool bf16, ptr bias, ptr widths, int64_t G, ptr out,
+                                int64_t B, int64_t K, int64_t n, int64_t d, int threads) {
+    return sae_fast::matryoshka_decode(P<const float>(values), P<const int32_t>(idx), P<const void>(W), bf16,
+                                       P<const float>(bias), P<const int64_t>(widths), G, P<float>(out), B, K, n, d,
+                                       threads);
+  }, nogil);
+
+  m.def("matryoshka_gather_dot", [](ptr S, ptr idx, ptr W, bool bf16, ptr widths, int64_t G, ptr out, int64_t B,
+                                    int64_t K, int64_t n, int64_t d, int threads) {
+    return sae_fast::matryoshka_gather_dot(P<const float>(S), P<const int32_t>(idx), P<const void>(W), bf16,
+                                           P<const int64_t>(widths), G, P<float>(out), B, K, n, d, threads);
+  }, nogil);
+
+  m.def("matryoshka_latent_backward", [](ptr idx, int64_t B, int64_t K, int64_t n, int64_t d, ptr dp, ptr xc, ptr v,
+                                         ptr S, ptr widths, int64_t G, ptr dW_enc, ptr db_enc, ptr dW_dec, bool bf16,
+                                         int threads) {
+    return sae_fast::matryoshka_latent_backward(P<const int32_t>(idx), B, K, n, d, P<const float>(dp),
+                                                P<const float>(xc), P<const float>(v), P<const float>(S),
+                                                P<const int64_t>(widths), G, P<void>(dW_enc), P<void>(db_enc),
+                                                P<void>(dW_dec), bf16, threads);
   }, nogil);
 }

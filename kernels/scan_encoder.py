@@ -48,6 +48,15 @@ def _mm_fp32(x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     return torch.mm(x.float(), W.float().T, out=out)
 
 
+def mm_fp32(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x @ W.T in fp32, as the encoder tiles compute it (16-bit W: fp32 master weights rounded to x's dtype
+    first); a new (B, rows) tensor (the triton backend's AuxK dead-row block)."""
+    W = W if W.dtype == x.dtype else W.to(x.dtype)
+    if x.dtype == torch.float32:
+        return torch.mm(x, W.T)
+    return _mm_fp32(x, W, torch.empty(x.shape[0], W.shape[0], dtype=torch.float32, device=x.device))
+
+
 def _score_chunks(x: torch.Tensor, W_enc: torch.Tensor, chunk: int):
     """(c0, c1, x @ W_enc[c0:c1].T in fp32) for consecutive chunks of latents, all in one reused buffer (each
     is consumed before the next is written: same stream). fp32 master weights are rounded per chunk."""
@@ -102,7 +111,10 @@ def threshold_scan_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor
 
 
 def threshold_scan(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int = 64,
-                   chunk: int | None = None, config: EncoderConfig | None = None):
-    """threshold_encoder.threshold_select as GEMM + scan: (pre (B, K), idx (B, K), per-row capacity needed)."""
-    return threshold_encoder.select_lists(
-        lambda cap: threshold_scan_partial(x, W_enc, c, cutoff, cap, chunk, config), capacity)
+                   chunk: int | None = None, config: EncoderConfig | None = None, width: int | None = None):
+    """threshold_encoder.threshold_select as GEMM + scan: (pre (B, K), idx (B, K), per-row capacity needed);
+    ``width`` as there."""
+    partial = lambda cap: threshold_scan_partial(x, W_enc, c, cutoff, cap, chunk, config)  # noqa: E731
+    if width is None:
+        return threshold_encoder.select_lists(partial, capacity)
+    return threshold_encoder.select_fixed(partial, capacity, width)

@@ -59,14 +59,16 @@ def _threshold_partial_kernel(x_ptr, w_ptr, c_ptr, cut_ptr, pre_ptr, idx_ptr, co
 
 
 @triton.jit
-def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, idx_ptr, S, cap, stride_ob,
+def _compact_kernel(part_pre_ptr, part_idx_ptr, count_ptr, offset_ptr, pre_ptr, idx_ptr, S, cap, K, stride_ob,
                     BLOCK: tl.constexpr):
-    """Copy list (row, split) to its offset in output row ``row`` (splits ascend in latent order)."""
+    """Copy list (row, split) to its offset in output row ``row`` (splits ascend in latent order). Counts
+    are given as kept (<= cap); entries past the row's width K are left out (a fixed-width list that
+    overflowed: the caller checks the counts)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     slot = row.to(tl.int64) * S + split
-    count = tl.load(count_ptr + slot)
     offset = tl.load(offset_ptr + slot)
+    count = tl.minimum(tl.load(count_ptr + slot), K - offset)
     j = tl.arange(0, BLOCK)
     for j0 in range(0, count, BLOCK):
         m = (j0 + j) < count
@@ -127,13 +129,15 @@ def threshold_partial(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cut
 
 
 def threshold_compact(part_pre: torch.Tensor, part_idx: torch.Tensor, count: torch.Tensor, K: int):
-    """Pack the (row, split) lists (none overflowed) into (B, K) rows: pre padded with -inf, idx with 0."""
+    """Pack the (row, split) lists into (B, K) rows: pre padded with -inf, idx with 0. Lists that overflowed
+    their capacity keep their first ``capacity`` entries, rows their first K (see select_fixed)."""
     B, S, capacity = part_pre.shape
     assert part_idx.shape == part_pre.shape and count.shape == (B, S) and K >= 1
+    count = count.clamp(max=capacity).to(torch.int32)
     offsets = (torch.cumsum(count, 1, dtype=torch.int64) - count).contiguous()
     pre = torch.full((B, K), float("-inf"), dtype=part_pre.dtype, device=part_pre.device)
     idx = torch.zeros((B, K), dtype=torch.int32, device=part_pre.device)
-    _compact_kernel[(B, S)](part_pre, part_idx, count, offsets, pre, idx, S, capacity, pre.stride(0),
+    _compact_kernel[(B, S)](part_pre, part_idx, count, offsets, pre, idx, S, capacity, K, pre.stride(0),
                             BLOCK=min(1024, triton.next_power_of_2(max(capacity, 16))), num_warps=4,
                             enable_fp_fusion=True)
     return pre, idx
@@ -152,9 +156,20 @@ def select_lists(partial, capacity: int):
     return pre, idx, need
 
 
+def select_fixed(partial, capacity: int, K: int):
+    """select_lists without a host read: ``capacity`` slots per (row, split), rows K wide. (pre (B, K),
+    idx (B, K), per-split need, per-row need): the needs are 0-d device tensors; the lists are exact
+    when need <= capacity and row need <= K, else cut short (the caller checks, later)."""
+    part_pre, part_idx, count = partial(capacity)
+    pre, idx = threshold_compact(part_pre, part_idx, count, K)
+    return pre, idx, count.max(), count.sum(1).max()
+
+
 def threshold_select(x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, cutoff: torch.Tensor, capacity: int = 64,
-                     config: EncoderConfig | None = None):
+                     config: EncoderConfig | None = None, width: int | None = None):
     """Every entry with p > cutoff[latent]: (pre (B, K) in x's dtype, padded with -inf; idx (B, K) int32,
     padded with 0; per-split capacity needed). Entries are in ascending latent order per row. A first
-    pass with ``capacity`` slots per (row, split) that overflows is rerun with the exact capacity."""
-    return select_lists(lambda cap: threshold_partial(x, W_enc, c, cutoff, cap, config), capacity)
+    pass with ``capacity`` slots per (row, split) that overflows is rerun with the exact capacity.
+    ``width`` K given: select_fixed (no host read; the needs come back as device tensors)."""
+    partial = lambda cap: threshold_partial(x, W_enc, c, cutoff, cap, config)  # noqa: E731
+    return select_lists(partial, capacity) if width is None else select_fixed(partial, capacity, width)

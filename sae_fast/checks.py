@@ -12,8 +12,13 @@ from torch import Tensor
 _check_finite = os.environ.get("SAE_FAST_CHECK_FINITE", "1") != "0"
 
 
-# While deferring (deferred_finite_checks): device -> a bool tensor, "every x checked so far was finite".
+# While deferring (deferred_finite_checks): (device, message) -> a bool tensor, "held at every step so far";
+# and the callables to run at the next read (backends learning list capacities from device-side needs).
 _deferred: dict | None = None
+_readers: list = []
+
+_NONFINITE = ("x contained NaN or inf in a step since the last check; fix the activations (or turn this check "
+              "off with sae_fast.ops.set_check_finite(False))")
 
 
 def set_check_finite(enabled: bool) -> None:
@@ -25,8 +30,9 @@ def set_check_finite(enabled: bool) -> None:
 @contextlib.contextmanager
 def deferred_finite_checks():
     """Inside, the ops' NaN/inf check on x is kept on x's device instead of read at once (a read would
-    stall an accelerator's queue every op); ``raise_if_nonfinite()`` reads it, and so does leaving the
-    block. The trainer reads it at its logging steps."""
+    stall an accelerator's queue every op), and so are the triton backend's checks that a fixed-capacity
+    list held every entry; ``raise_if_nonfinite()`` reads them, and so does leaving the block. The trainer
+    reads them at its logging steps."""
     global _deferred
     outer, _deferred = _deferred, {}
     try:
@@ -36,16 +42,53 @@ def deferred_finite_checks():
         _deferred = outer
 
 
+def deferring() -> bool:
+    """Whether device-side checks are being kept for the next read (inside deferred_finite_checks)."""
+    return _deferred is not None
+
+
+def defer_check(ok: Tensor, message: str, reader=None) -> None:
+    """Inside deferred_finite_checks: the next read raises ValueError(message) unless ``ok`` (a 0-d bool
+    tensor) and every earlier ``ok`` of the same message held; ``reader`` (once per read) runs first."""
+    key = (ok.device, message)
+    seen = _deferred.get(key)
+    _deferred[key] = ok if seen is None else seen & ok
+    if reader is not None and reader not in _readers:
+        _readers.append(reader)
+
+
+_dead_bound: list = []  # the innermost dead_bound() block's bound
+
+
+@contextlib.contextmanager
+def dead_bound(bound):
+    """Inside, a backend that needs one may call ``bound()`` for an upper bound on the dead latents of the
+    AuxK calls it gets (SparseAutoencoder.dead_bound: mostly no host read); None: no bound known."""
+    _dead_bound.append(bound)
+    try:
+        yield
+    finally:
+        _dead_bound.pop()
+
+
+def current_dead_bound() -> int | None:
+    return _dead_bound[-1]() if _dead_bound and _dead_bound[-1] is not None else None
+
+
 def raise_if_nonfinite() -> None:
-    """Raise the ValueError that a deferred check on x would have raised, if any x since the last call
-    held NaN or inf (one host read per device)."""
+    """Raise the ValueError that a deferred check would have raised, if any since the last call failed (one
+    host read per device and check): NaN or inf in x, or a list that overflowed its capacity."""
+    readers = list(_readers)
+    _readers.clear()
+    for fn in readers:
+        fn()
     if not _deferred:
         return
-    flags = list(_deferred.values())
+    flags = list(_deferred.items())
     _deferred.clear()
-    if not all(bool(f) for f in flags):
-        raise ValueError("x contained NaN or inf in a step since the last check; fix the activations (or turn this "
-                         "check off with sae_fast.ops.set_check_finite(False))")
+    for (_, message), ok in flags:
+        if not bool(ok):
+            raise ValueError(message)
 
 
 def _fmt(t: Tensor) -> str:
@@ -94,9 +137,7 @@ def check_x(x) -> None:
     if not _check_finite or torch.compiler.is_compiling():
         return
     if _deferred is not None:
-        finite = torch.isfinite(x).all()
-        seen = _deferred.get(x.device)
-        _deferred[x.device] = finite if seen is None else seen & finite
+        defer_check(torch.isfinite(x).all(), _NONFINITE)
     elif not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; fix the activations (or turn this check off with "
                          "sae_fast.ops.set_check_finite(False))")
@@ -168,7 +209,7 @@ def check_indices(idx: Tensor, n: int) -> None:
     """The torch and triton backends' guard before a kernel indexes rows with ``idx``: a ValueError on CPU;
     on an accelerator a device-side assert, so the check costs no host sync. (The cpu backend's kernels
     count bad indices themselves and raise, with no host read of a tensor.)"""
-    if idx.device.type == "cpu":
+    if idx.device.type == "cpu" and not deferring():  # deferring: as on an accelerator (no host read)
         check_index_range(idx, n)
     elif idx.numel():
         torch._assert_async(((idx >= 0) & (idx < n)).all())
@@ -179,3 +220,22 @@ def check_select_k(k, n: int, k_aux: int = 0) -> None:
     check_k("k", k, n)
     if k_aux:
         check_k("k_aux", k_aux, n)
+
+
+def check_widths(widths, n_latents: int, activation: str | None = None) -> list[int]:
+    """``matryoshka`` as a list of ints: cumulative prefix widths, strictly increasing, the last = n_latents
+    (and, given an SAE's ``activation``, that it is topk or batchtopk)."""
+    if activation is not None and activation not in ("topk", "batchtopk"):
+        raise ValueError(f"matryoshka needs activation 'topk' or 'batchtopk'; got {activation!r}")
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(f"matryoshka must be a list of prefix widths; got {type(widths).__name__} {widths!r}")
+    widths = list(widths)
+    if not widths or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in widths):
+        raise TypeError(f"matryoshka must be a non-empty list of ints (prefix widths); got {widths!r}")
+    widths = [int(m) for m in widths]
+    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
+        raise ValueError(f"matryoshka prefix widths must be positive and strictly increasing; got {widths}")
+    if widths[-1] != n_latents:
+        raise ValueError(f"matryoshka's last prefix width must be n_latents={n_latents} (cumulative widths, "
+                         f"SAELens' convention); got {widths}")
+    return widths

@@ -102,3 +102,45 @@ def _(backend, idx, n, dp=None, xc=None, v=None, g=None, grad_dtype=None):
     return (ref.new_empty((n, xc.shape[1]) if enc else (0,), dtype=enc_dtype),
             ref.new_empty((n,) if enc else (0,), dtype=enc_dtype),
             ref.new_empty((n, g.shape[1]) if dec else (0,), dtype=dec_dtype))
+
+
+# Matryoshka: ``widths`` are the cumulative prefix widths (backends/base.py's module docstring).
+@torch.library.custom_op("sae_fast::matryoshka_decode", mutates_args=())
+def matryoshka_decode(backend: str, values: Tensor, idx: Tensor, W: Tensor, bias: Optional[Tensor],
+                      widths: list[int]) -> Tensor:
+    return lookup_backend(backend).matryoshka_decode(values, idx, W, bias, widths)
+
+
+@matryoshka_decode.register_fake
+def _(backend, values, idx, W, bias, widths):
+    return W.new_empty(len(widths), values.shape[0], W.shape[1])
+
+
+@torch.library.custom_op("sae_fast::matryoshka_gather_dot", mutates_args=())
+def matryoshka_gather_dot(backend: str, S: Tensor, idx: Tensor, W: Tensor, widths: list[int]) -> Tensor:
+    return lookup_backend(backend).matryoshka_gather_dot(S, idx, W, widths)
+
+
+@matryoshka_gather_dot.register_fake
+def _(backend, S, idx, W, widths):
+    return W.new_empty(idx.shape)
+
+
+@torch.library.custom_op("sae_fast::matryoshka_latent_backward", mutates_args=())
+def matryoshka_latent_backward(backend: str, idx: Tensor, n: int, dp: Optional[Tensor], xc: Optional[Tensor],
+                               v: Optional[Tensor], S: Optional[Tensor], widths: list[int],
+                               grad_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    grads = lookup_backend(backend).matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype)
+    ref = xc if xc is not None else S
+    return tuple(ref.new_empty(0, dtype=grad_dtype or ref.dtype) if t is None else t for t in grads)
+
+
+@matryoshka_latent_backward.register_fake
+def _(backend, idx, n, dp, xc, v, S, widths, grad_dtype=None):
+    ref = xc if xc is not None else S
+    enc, dec = dp is not None, v is not None
+    enc_dtype = grad_dtype or (xc.dtype if enc else ref.dtype)
+    dec_dtype = grad_dtype or (S.dtype if dec else ref.dtype)
+    return (ref.new_empty((n, xc.shape[1]) if enc else (0,), dtype=enc_dtype),
+            ref.new_empty((n,) if enc else (0,), dtype=enc_dtype),
+            ref.new_empty((n, S.shape[-1]) if dec else (0,), dtype=dec_dtype))

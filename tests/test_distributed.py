@@ -207,22 +207,33 @@ def test_trainer_modes_equal_one_process_and_checkpoints_move_between_world_size
     assert len(rows) == 2 * 3 and not list((tmp_path / "layers").glob("metrics.rank*"))
 
 
-def test_a_killed_rank_ends_the_others_with_a_clear_error(tmp_path):
-    import signal
+def _cli_ranks(tmp_path, *extra):
     import subprocess
     import sys
-    import time
 
     from hf_tiny import tiny_model_dir, write_corpus
-    args = [sys.executable, "-m", "sae_fast.cli", "train", "--distributed", "latent", "--model", str(tiny_model_dir()),
-            "--layer", "h.1", "--corpus", str(write_corpus(tmp_path / "corpus")), "--ctx-len", "64", "--max-tokens",
-            "1500", "--eval-tokens", "0", "--n-latents", "32", "--k", "4", "--batch-tokens", "64", "--steps", "100000",
-            "--checkpoint-every", "5", "--no-plot", "--no-progress", "--out", str(tmp_path / "run"),
-            "--cache-dir", str(tmp_path / "cache"), "--dist-timeout", "60"]
+    args = [sys.executable, "-m", "sae_fast.cli", "train", "--model", str(tiny_model_dir()), "--layer", "h.1",
+            "--corpus", str(write_corpus(tmp_path / "corpus")), "--ctx-len", "64", "--max-tokens", "1500",
+            "--eval-tokens", "0", "--n-latents", "32", "--k", "4", "--batch-tokens", "64", "--no-plot",
+            "--no-progress", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), *extra]
     port = _free_port()
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(
+    return [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(
         os.environ, RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1")) for r in range(WORLD)]
+        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="")) for r in range(WORLD)]  # buffered, as under torchrun
+
+
+def test_a_finished_run_exits_zero_on_every_rank_with_rank_0s_summary(tmp_path):
+    procs = _cli_ranks(tmp_path, "--distributed", "latent", "--steps", "4", "--checkpoint-every", "2")
+    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "trained 4 steps" in outs[0] and "trained" not in outs[1], outs
+
+
+def test_a_killed_rank_ends_the_others_with_a_clear_error(tmp_path):
+    import signal
+    import time
+    procs = _cli_ranks(tmp_path, "--distributed", "latent", "--steps", "100000", "--checkpoint-every", "5",
+                       "--dist-timeout", "60")
     try:
         deadline = time.time() + 120
         while not (tmp_path / "run" / "checkpoints" / "step_00000005").is_dir():

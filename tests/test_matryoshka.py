@@ -133,15 +133,45 @@ def test_plain_sae_has_no_prefixes():
     assert SparseAutoencoder(16, 48, "topk", k=4, seed=0)(_data()).prefix_fvu is None
 
 
-def test_fused_step_falls_back_and_trains():
-    x = _data()
-    sae = SparseAutoencoder(16, 48, "topk", k=4, seed=0, matryoshka=WIDTHS)
-    opt = FusedAdam(sae, lr=1e-2)
-    assert "Matryoshka" in opt.fused_reason(x)
-    first = opt.step_fused(x).loss.item()
-    for _ in range(30):
-        last = opt.step_fused(x)
-    assert last.loss.item() < first and last.prefix_fvu.shape == (4,)
+FUSED = [b for b in ("cpu", *INTERPRETED_TRITON) if b in sae_fast.available_backends()]
+
+
+FUSED_CASES = [("cpu", "topk", dict(k=4, k_aux=6)), ("cpu", "topk", dict(k=4, k_aux=0)),
+               ("cpu", "batchtopk", dict(k=4))]
+FUSED_CASES = [c for c in FUSED_CASES if c[0] in FUSED] + [(b, "topk", dict(k=4, k_aux=6)) for b in FUSED
+                                                          if b == "triton"]  # the interpreter: one case
+
+
+@pytest.mark.parametrize("backend,act,opts", FUSED_CASES, ids=lambda v: v if isinstance(v, str) else
+                         ("auxk" if v.get("k_aux") else "-"))
+def test_fused_step_matches_the_unfused_step(backend, act, opts):
+    # FusedAdam.step_fused runs fused for Matryoshka SAEs (once per group on that group's rows) and gives
+    # what loss.backward(), remove_parallel_grad_, Adam and normalize_decoder_ give.
+    import copy
+    sae = SparseAutoencoder(16, 48, act, seed=0, dead_tokens=100, matryoshka=WIDTHS, **opts)
+    sae.tokens_since_fired[::3] = 1000  # dead latents in every group: AuxK has work
+    with torch.no_grad():
+        sae.W_enc.add_(torch.randn(48, 16, generator=torch.Generator().manual_seed(2)) * 0.3)
+        sae.b_enc[5:13] = -100.0  # a group that never fires
+    ref = copy.deepcopy(sae)
+    fused, plain = FusedAdam(sae, lr=3e-3), torch.optim.Adam(ref.parameters(), lr=3e-3)
+    with sae_fast.use_backend(backend):
+        for step in range(3 if backend == "cpu" else 1):
+            x = _data(seed=step)
+            assert fused.fused_reason(x) is None
+            out = fused.step_fused(x)
+            want = ref(x)
+            want.loss.backward()
+            ref.remove_parallel_grad_()
+            plain.step()
+            plain.zero_grad(set_to_none=True)
+            ref.normalize_decoder_()
+            for name in ("loss", "fvu", "aux_loss", "prefix_fvu"):
+                torch.testing.assert_close(getattr(out, name), getattr(want, name).detach(), rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} at step {step}")
+            for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=2e-6, msg=f"{name} at step {step}")
+    assert out.aux_loss > 0 if opts.get("k_aux") else True
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
@@ -155,3 +185,17 @@ def test_fused_step_falls_back_and_trains():
 def test_config_errors(kwargs, err, match):
     with pytest.raises(err, match=match):
         SAEConfig(**{"d_in": 16, "n_latents": 48, "k": 4, **kwargs})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ["topk", "batchtopk"])
+def test_bf16_autocast_over_fp32_master_weights(backend, act):
+    x = _data()
+    sae = SparseAutoencoder(16, 48, act, k=4, seed=0, k_aux=0, matryoshka=WIDTHS)
+    with sae_fast.use_backend(backend):
+        want = sae(x).prefix_fvu.detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x)
+        out.loss.backward()
+    assert sae.W_dec.grad.dtype == torch.float32 and torch.isfinite(sae.W_dec.grad).all()
+    torch.testing.assert_close(out.prefix_fvu, want, atol=3e-2, rtol=3e-2)

@@ -277,7 +277,7 @@ def test_matryoshka_trains_and_reports_each_prefix(tmp_path, capsys):
              "--lr", "1e-2", "--out", cfg.out, "--no-progress", "--no-plot", "--matryoshka", "8,24,64"]
     assert main(["train", *flags]) == 0
     printed = capsys.readouterr().out
-    assert "step: unfused (a Matryoshka SAE's prefix losses are not in the fused step)" in printed
+    assert "step: fused (sae_fast.optim.FusedAdam)" in printed
     assert "FVU of each Matryoshka prefix: 8 latents " in printed
     summary = json.loads((Path(cfg.out) / "summary.json").read_text())["layers"]["h.1"]
     p = summary["prefix_fvu"]

@@ -13,6 +13,12 @@ Primitives (shapes as in reference.py; ``pre`` are pre-activations of the select
     latent_backward(idx, n, dp, xc, v, g, grad_dtype) -> dW_enc, db_enc, dW_dec (each None when its inputs are None):
         dW_enc[i] = sum_{idx[b,j]=i} dp[b,j] * xc[b];  db_enc[i] = sum dp[b,j];  dW_dec[i] = sum v[b,j] * g[b]
         in ``grad_dtype`` (fp32 gradients of master weights from 16-bit xc and g), else xc's and g's dtypes
+    Matryoshka (``widths`` = cumulative prefix widths m_1 < ... < m_G = n; latent i is in group
+    g(i) = #{p: m_p <= i}; S (G, B, d) = suffix sums over prefixes of dL/dx_hat_p, S_g = sum_{p >= g}):
+    matryoshka_decode(values, idx, W, bias, widths) -> (G, B, d): prefix p sums the entries below m_p
+    matryoshka_gather_dot(S, idx, W, widths) -> (B, K): <S[g(idx[b,j]), b], W[idx[b, j]]>
+    matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype) -> latent_backward's three
+        gradients with dW_dec[i] = sum v[b,j] * S[g(i), b] (one pass for every prefix's loss)
     fused_adam_step(idx, pre, k_main, dp, xc, v, g, d_norm, params, moments, adam, project, renorm) -> None | (d,):
         the training step's latent-row work in one pass (sae_fast.optim.FusedAdam): the gradient rows
         above, the L1 and parallel-component terms, Adam and the decoder renormalisation, in place.
@@ -197,3 +203,39 @@ class SparseBackend:
         adam (step_size, sqrt(1 - beta2^t), beta1, beta2, eps). Raises ValueError on an index outside [0, n)."""
         raise NotImplementedError(f"the {self.name} backend has no fused training step")
 
+    # ------------------------------------------------------------------ Matryoshka (see the module docstring)
+    @staticmethod
+    def _groups(idx: Tensor, widths: list[int]) -> Tensor:
+        """g(idx) (B, K) int64: the group of each entry's latent."""
+        bounds = torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device)
+        return torch.bucketize(idx.long(), bounds, right=True)
+
+    def matryoshka_decode(self, values, idx, W, bias, widths):
+        check_indices(idx, W.shape[0])
+        group = self._groups(idx, widths)
+        parts = torch.stack([self.sparse_decode(torch.where(group == p, values, 0), idx, W, None).to(acc(W).dtype)
+                             for p in range(len(widths))])
+        out = parts.cumsum(0)
+        return (out if bias is None else out + acc(bias)).to(W.dtype)
+
+    def matryoshka_gather_dot(self, S, idx, W, widths):
+        check_indices(idx, W.shape[0])
+        Wa = acc(W)
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        s = acc(S)[self._groups(idx, widths), rows]  # (B, K, d): each entry's row of its group's S
+        return (s.to(Wa.dtype) * Wa[idx.long()]).sum(-1).to(W.dtype)
+
+    def matryoshka_latent_backward(self, idx, n, dp, xc, v, S, widths, grad_dtype=None):
+        dW_enc = db_enc = dW_dec = None
+        if dp is not None:
+            dW_enc, db_enc, _ = self.latent_backward(idx, n, dp, xc, None, None, grad_dtype)
+        if v is not None:
+            check_indices(idx, n)
+            B, K = idx.shape
+            Sa = acc(S)
+            rows = torch.arange(B, device=idx.device).repeat_interleave(K)
+            s = Sa[self._groups(idx, widths).reshape(-1), rows]
+            dW_dec = torch.zeros(n, Sa.shape[-1], dtype=Sa.dtype, device=Sa.device)
+            dW_dec.index_add_(0, idx.reshape(-1).long(), acc(v).reshape(-1, 1).to(Sa.dtype) * s)
+            dW_dec = dW_dec.to(grad_dtype or S.dtype)
+        return dW_enc, db_enc, dW_dec

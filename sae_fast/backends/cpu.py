@@ -23,6 +23,10 @@ def _i32(t: Tensor) -> Tensor:
     return t.to(INDEX_DTYPE).contiguous()
 
 
+def _widths(widths) -> Tensor:
+    return torch.tensor(list(widths), dtype=torch.int64)
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -295,3 +299,51 @@ class CpuBackend(SparseBackend):
         _raise_if_bad(bad, idx, n)
         return enc_sum
 
+
+    # ------------------------------------------------------------------ Matryoshka (csrc/cpu/matryoshka.h)
+    def matryoshka_decode(self, values, idx, W, bias, widths):
+        if not _native(W):
+            return super().matryoshka_decode(values, idx, W, bias, widths)
+        B, K = idx.shape
+        n, d = W.shape
+        values, idx, Ws, w = _f32(values), _i32(idx), _storage(W), _widths(widths)
+        bias_f = None if bias is None else _f32(bias)
+        out = torch.empty(len(widths), B, d, dtype=torch.float32)
+        _raise_if_bad(_C.matryoshka_decode(values.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
+                                           _ptr(bias_f), w.data_ptr(), len(widths), out.data_ptr(), B, K, n, d,
+                                           _threads(B * K * d)), idx, n)
+        return out.to(W.dtype)
+
+    def matryoshka_gather_dot(self, S, idx, W, widths):
+        if not _native(W):
+            return super().matryoshka_gather_dot(S, idx, W, widths)
+        B, K = idx.shape
+        n, d = W.shape
+        S, idx, Ws, w = _f32(S), _i32(idx), _storage(W), _widths(widths)
+        out = torch.empty(B, K, dtype=torch.float32)
+        _raise_if_bad(_C.matryoshka_gather_dot(S.data_ptr(), idx.data_ptr(), Ws.data_ptr(), Ws.dtype == torch.bfloat16,
+                                               w.data_ptr(), len(widths), out.data_ptr(), B, K, n, d,
+                                               _threads(B * K * d)), idx, n)
+        return out.to(W.dtype)
+
+    def matryoshka_latent_backward(self, idx, n, dp, xc, v, S, widths, grad_dtype=None):
+        ref = xc if xc is not None else S
+        if not _native(ref):
+            return super().matryoshka_latent_backward(idx, n, dp, xc, v, S, widths, grad_dtype)
+        B, K = idx.shape
+        d = ref.shape[-1]
+        idx, w = _i32(idx), _widths(widths)
+        want = grad_dtype or ref.dtype
+        out = torch.bfloat16 if want == torch.bfloat16 else torch.float32
+        dW_enc = db_enc = dW_dec = None
+        if dp is not None:
+            dp, xc = _f32(dp), _f32(xc)
+            dW_enc, db_enc = torch.empty(n, d, dtype=out), torch.empty(n, dtype=out)
+        if v is not None:
+            v, S = _f32(v), _f32(S)
+            dW_dec = torch.empty(n, d, dtype=out)
+        _raise_if_bad(_C.matryoshka_latent_backward(idx.data_ptr(), B, K, n, d, _ptr(dp), _ptr(xc), _ptr(v), _ptr(S),
+                                                    w.data_ptr(), len(widths), _ptr(dW_enc), _ptr(db_enc),
+                                                    _ptr(dW_dec), out == torch.bfloat16,
+                                                    _threads(n * d + B * K * d)), idx, n)
+        return tuple(cast_or_none(t, want) for t in (dW_enc, db_enc, dW_dec))

@@ -27,6 +27,7 @@ class Harness:
     optimizer: torch.optim.Optimizer | None = None
     step: Callable[[Tensor], Tensor] | None = None   # a whole training step in one call (FusedAdam.step_fused)
     phases: tuple = ("fwd", "fwd_bwd", "step")       # the phases this row measures
+    x_hat_ref: Tensor | None = None                  # reference.py's x_hat when not the workload's (BatchTopK)
 
 
 def _copy_params(pairs) -> None:
@@ -55,10 +56,13 @@ def autocast_copies_sae():
     return AutocastCopiesSAE
 
 
-def sae_fast_harness(setup: Setup, backend: str) -> Harness:
+def sae_fast_harness(setup: Setup, backend: str, activation: str | None = None,
+                     matryoshka: list[int] | None = None) -> Harness:
+    """``SparseAutoencoder`` of the workload (or of ``activation``, with Matryoshka prefix widths)."""
     from ..sae import SparseAutoencoder
     w = setup.workload
-    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, k_aux=0, l1_coeff=L1_COEFF, device=setup.device)
+    sae = SparseAutoencoder(w.d, w.n, activation or w.activation, k=w.k, k_aux=0, l1_coeff=L1_COEFF,
+                            device=setup.device, matryoshka=matryoshka)
     _copy_params([(sae.W_enc, setup.W_enc), (sae.b_enc, setup.b_enc),
                          (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
 
@@ -72,14 +76,17 @@ def sae_fast_harness(setup: Setup, backend: str) -> Harness:
 DEAD_EVERY = 10  # the trainer-step row: every 10th latent dead, so AuxK has work
 
 
-def trainer_step_harness(setup: Setup, backend: str, fused: bool = True) -> Harness:
+def trainer_step_harness(setup: Setup, backend: str, fused: bool = True, activation: str | None = None,
+                         matryoshka: list[int] | None = None) -> Harness:
     """What ``sae-fast train`` runs per step: FusedAdam.step_fused with the trainer's defaults (AuxK on with
     k_aux = d / 2), every DEAD_EVERY-th latent kept dead; ``fused=False``: the same SAE and dead set stepped
     as ``--no-fused-step`` does (backward, the trainer's Adam, the decoder constraints)."""
+    from ..checks import deferred_finite_checks
     from ..optim import FusedAdam
     from ..sae import SparseAutoencoder
     w = setup.workload
-    sae = SparseAutoencoder(w.d, w.n, w.activation, k=w.k, l1_coeff=L1_COEFF, device=setup.device)
+    sae = SparseAutoencoder(w.d, w.n, activation or w.activation, k=w.k, l1_coeff=L1_COEFF, device=setup.device,
+                            matryoshka=matryoshka)
     _copy_params([(sae.W_enc, setup.W_enc), (sae.b_enc, setup.b_enc),
                   (sae.W_dec, setup.W_dec), (sae.b_dec, setup.b_dec)])
     opt = FusedAdam(sae, lr=ADAM_LR) if fused else None
@@ -88,14 +95,18 @@ def trainer_step_harness(setup: Setup, backend: str, fused: bool = True) -> Harn
         with torch.no_grad():  # a steady dead set (latents that fire leave it): same AuxK work every call
             sae.tokens_since_fired[::DEAD_EVERY] = sae.cfg.dead_tokens
 
+    # As the trainer runs its steps: device-side checks, read once per call here (the bench synchronises
+    # after each call anyway), so the triton backend's lists are sized with no read inside the step.
     def forward(x):
         keep_dead()
-        out = sae(x)
+        with deferred_finite_checks():
+            out = sae(x)
         return out.x_hat, out.loss
 
     def step(x):
         keep_dead()
-        return opt.step_fused(x).x_hat
+        with deferred_finite_checks():
+            return opt.step_fused(x).x_hat
 
     return Harness(forward, list(sae.parameters()), sae.remove_parallel_grad_, sae.normalize_decoder_, backend,
                    optimizer=opt, step=step if fused else None,

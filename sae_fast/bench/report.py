@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .matryoshka import ratio_rows
 from .measure import PHASE_TITLE, PHASES, Result
 from .peers import PATCHED
 from .workloads import ADAM_LR
@@ -131,7 +132,7 @@ def render_text(results: list[Result], meta: dict) -> str:
     for res in results:
         out += ["", _title(res, meta)]
         out.append(text_table(*table_rows(res)))
-        for head, body in (speedup_rows(res), patched_rows(res)):
+        for head, body in (speedup_rows(res), patched_rows(res), ratio_rows(res)):
             if body:
                 out += ["", text_table(head, body)]
         for note in res.notes:
@@ -158,7 +159,7 @@ def render_markdown(results: list[Result], meta: dict) -> str:
            f"- peak memory: {meta['memory_method']}", ""]
     for res in results:
         out += [f"## {_title(res, meta)}", "", markdown_table(*table_rows(res)), ""]
-        for head, body in (speedup_rows(res), patched_rows(res)):
+        for head, body in (speedup_rows(res), patched_rows(res), ratio_rows(res)):
             if body:
                 out += [markdown_table(head, body), ""]
         out += [f"- note: {n}" for n in res.notes]

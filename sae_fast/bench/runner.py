@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..optim import make_adam
+from . import matryoshka
 from .measure import MEMORY_METHOD, PHASE_TITLE, PHASES, Result, Row, error_text, measure_phase
 from .peers import Contestant, Harness, NotApplicable, contestants
 from .provenance import device_info, device_slug, git_commit, load_average, versions
@@ -84,7 +85,7 @@ def build_row(c: Contestant, setup: Setup) -> tuple[Row, Harness | None]:
         h.optimizer = h.optimizer or make_adam(h.params, ADAM_LR)
         with torch.no_grad():
             x_hat = phase_call(h, "fwd", setup.x, setup)().float()
-        ref = setup.x_hat_ref.float()
+        ref = (setup.x_hat_ref if h.x_hat_ref is None else h.x_hat_ref).float()
         row.xhat_rel_err = float((x_hat - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         return row, h
     except NotApplicable as exc:
@@ -135,7 +136,7 @@ def run_workload(w: Workload, device: torch.device, dtype: str, backends: list[s
     from tqdm import tqdm
     interleave = device.type == "cpu" if interleave is None else interleave
     setup = make_setup(w, device, dtype)
-    cs = contestants(setup, backends, peers)
+    cs = (matryoshka.contestants if w.activation == "matryoshka" else contestants)(setup, backends, peers)
     floor, floor_fn = floor_entry(setup)
     rows = [floor]
     with tqdm(total=len(cs) + 1, desc=f"bench {w.name}", disable=not show_progress, file=sys.stderr,

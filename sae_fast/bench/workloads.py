@@ -15,7 +15,9 @@ ADAM_LR = 1e-4   # small, so the weights (and W4's L0) barely move during the ti
 @dataclass(frozen=True)
 class Workload:
     """One benchmark shape. For ``activation="relu"``, ``k`` is the target mean L0: b_enc is shifted
-    so that on the benchmark batch about ``k`` pre-activations per row are positive."""
+    so that on the benchmark batch about ``k`` pre-activations per row are positive. ``"matryoshka"``:
+    Matryoshka TopK and BatchTopK SAEs (``matryoshka_widths``) beside the plain ones, and SAELens'
+    Matryoshka BatchTopK (bench/matryoshka.py)."""
 
     name: str
     batch: int
@@ -25,13 +27,20 @@ class Workload:
     activation: str = "topk"
 
     def describe(self) -> str:
-        what = f"k={self.k}" if self.activation == "topk" else f"ReLU+L1, mean L0~{self.k}"
+        what = {"topk": f"k={self.k}", "relu": f"ReLU+L1, mean L0~{self.k}",
+                "matryoshka": f"k={self.k}, Matryoshka widths {','.join(map(str, matryoshka_widths(self.n)))} "
+                              f"against plain"}[self.activation]
         return f"B={self.batch} d={self.d} n={self.n} {what}"
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(B, d, n, k), the tuple the micro-benchmarks and kernel checks are parametrised by."""
         return self.batch, self.d, self.n, self.k
+
+
+def matryoshka_widths(n: int) -> list[int]:
+    """The bench's Matryoshka prefix widths for n latents: n/64, n/16, n/4, n (four nested dictionaries)."""
+    return sorted({max(1, n // 64), max(1, n // 16), max(1, n // 4), n})
 
 
 WORKLOADS = {
@@ -83,7 +92,7 @@ def resolve_workloads(args, defaults) -> list[Workload]:
             # The name says what changed (w2-n1048576), so result files of different shapes never collide.
             tag = "-".join(f"{'b' if f == 'batch' else f}{v}" for f, v in custom.items())
             w = replace(w, name=f"{w.name}-{tag}", **custom)
-        if w.activation == "topk" and not 1 <= w.k <= w.n:
+        if w.activation in ("topk", "matryoshka") and not 1 <= w.k <= w.n:
             raise ValueError(f"--k must be between 1 and n={w.n}; got {w.k}")
         for f in ("batch", "d", "n", "k"):
             if getattr(w, f) < 1:

@@ -32,7 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--d", type=int, default=None, help="override the activation width")
     p.add_argument("--n", type=int, default=None, help="override the number of latents")
     p.add_argument("--k", type=int, default=None, help="override k (TopK) or the target mean L0 (relu)")
-    p.add_argument("--activation", choices=("topk", "relu"), default=None, help="override the activation")
+    p.add_argument("--activation", choices=("topk", "relu", "matryoshka"), default=None,
+                   help="override the activation; matryoshka: sae-fast's Matryoshka TopK and BatchTopK SAEs "
+                        "(widths n/64, n/16, n/4, n) beside the plain ones at the same n and k, against SAELens' "
+                        "MatryoshkaBatchTopKTrainingSAE")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="fp32, or bf16 autocast over fp32 master weights (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--backends", default=None,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..sae import SAEOutput, SparseAutoencoder
 from .collectives import all_gather_cat, all_reduce_, merge_top, pad_candidates, rank_world
+from .wrapper import WrapsSAE
 
 
 def _with_value(share: Tensor, total: Tensor) -> Tensor:
@@ -28,7 +29,7 @@ def _with_value(share: Tensor, total: Tensor) -> Tensor:
     return share + (total - share).detach()
 
 
-class DataParallelSAE(nn.Module):
+class DataParallelSAE(WrapsSAE):
     """Wraps a SparseAutoencoder (identical on every rank); ``forward(x)`` takes this rank's rows, or with
     ``takes_global_batch`` the whole batch, of which it encodes its ``tensor_split`` part (the trainer's
     use: every rank reads the same stream)."""
@@ -40,26 +41,12 @@ class DataParallelSAE(nn.Module):
         self.cfg = sae.cfg
 
     @property
-    def b_dec(self) -> Tensor:
-        return self.module.b_dec
-
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def n_latents(self) -> int:
-        return self.cfg.n_latents
+    def inner(self) -> SparseAutoencoder:
+        return self.module
 
     @property
     def dead_mask(self) -> Tensor:
         return self.module.dead_mask
-
-    def remove_parallel_grad_(self) -> None:
-        self.module.remove_parallel_grad_()  # linear in the gradient: commutes with the later sum
-
-    def normalize_decoder_(self) -> None:
-        self.module.normalize_decoder_()
 
     def forward(self, x: Tensor) -> SAEOutput:
         cfg, sae = self.cfg, self.module

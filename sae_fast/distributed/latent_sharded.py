@@ -19,11 +19,12 @@ import dataclasses
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops, reference
 from ..sae import SAEConfig, SAEOutput, SparseAutoencoder
 from .collectives import all_gather_cat, all_reduce_, merge_top, pad_candidates, rank_world, replicate, sum_shards
+from .wrapper import WrapsSAE
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec", "log_threshold")  # row i belongs to latent i
 LATENT_BUFFERS = ("tokens_since_fired",)
@@ -67,7 +68,7 @@ def shard_init_state(cfg: SAEConfig, seed: int | None, start: int, stop: int) ->
     return state
 
 
-class LatentShardedSAE(nn.Module):
+class LatentShardedSAE(WrapsSAE):
     """One rank's shard of an SAE with ``cfg.n_latents`` latents. ``forward`` returns the global
     SAEOutput (the same on every rank; for relu/jumprelu ``values``/``indices`` are this shard's code,
     with global indices). ``local`` is an ordinary SparseAutoencoder holding the shard's rows.
@@ -96,27 +97,13 @@ class LatentShardedSAE(nn.Module):
 
     # The trainer reaches these on any SAE-like module.
     @property
-    def b_dec(self) -> Tensor:
-        return self.local.b_dec
-
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def n_latents(self) -> int:
-        return self.cfg.n_latents
+    def inner(self) -> SparseAutoencoder:
+        return self.local
 
     @property
     def dead_mask(self) -> Tensor:
         """The global (n,) dead mask (a collective: call it on every rank)."""
         return all_gather_cat(self.local.dead_mask.to(torch.uint8), 0, self.group).bool()
-
-    def remove_parallel_grad_(self) -> None:
-        self.local.remove_parallel_grad_()  # per decoder row: local
-
-    def normalize_decoder_(self) -> None:
-        self.local.normalize_decoder_()
 
     # ------------------------------------------------------------------ forward
     def _merge_topk(self, values: Tensor, local_idx: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:

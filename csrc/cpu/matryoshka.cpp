@@ -1,0 +1,154 @@
+#include "matryoshka.h"
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "latent_sort.h"
+
+namespace sae_fast {
+
+namespace {
+
+using detail::narrow;
+using detail::reduce_row;
+using detail::sort_by_latent;
+using detail::widen;
+
+// g(i): the number of prefix widths <= i (widths ascend; G is small, a linear scan beats a search).
+inline int64_t group_of(int64_t i, const int64_t* widths, int64_t G) {
+  int64_t g = 0;
+  while (g < G - 1 && widths[g] <= i) ++g;
+  return g;
+}
+
+// One row, D columns at a time: the running sum over the row's entries in latent order, written to every
+// prefix whose boundary it crosses (and, after the last entry, to every prefix left).
+template <int D, typename W>
+inline void decode_cut(const std::pair<int32_t, float>* ent, int64_t cnt, const W* Wm, const float* bias,
+                       const int64_t* widths, int64_t G, int64_t plane, int64_t d, int64_t c0, int64_t width,
+                       float* o) {
+  float acc[D];
+  for (int64_t c = 0; c < width; ++c) acc[c] = bias ? bias[c0 + c] : 0.f;
+  int64_t p = 0;
+  for (int64_t s = 0; s < cnt; ++s) {
+    const int64_t i = ent[s].first;
+    for (; p < G - 1 && widths[p] <= i; ++p)
+      for (int64_t c = 0; c < width; ++c) o[p * plane + c0 + c] = acc[c];
+    const float a = ent[s].second;
+    const W* r = Wm + i * d + c0;
+    if (width == D) {
+#pragma omp simd
+      for (int c = 0; c < D; ++c) acc[c] += a * widen(r[c]);
+    } else {
+      for (int64_t c = 0; c < width; ++c) acc[c] += a * widen(r[c]);
+    }
+  }
+  for (; p < G; ++p)
+    for (int64_t c = 0; c < width; ++c) o[p * plane + c0 + c] = acc[c];
+}
+
+template <typename W>
+void decode_t(const float* values, const int32_t* idx, const W* Wm, const float* bias, const int64_t* widths,
+              int64_t G, float* out, int64_t B, int64_t K, int64_t d, int threads) {
+  constexpr int D = 128;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<std::pair<int32_t, float>> ent(K);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t cnt = 0;
+      for (int64_t j = 0; j < K; ++j)
+        if (values[b * K + j] != 0.f) ent[cnt++] = {idx[b * K + j], values[b * K + j]};
+      // Latent order (distinct latents in a row; ties keep entry order, so the sum has one order).
+      std::stable_sort(ent.begin(), ent.begin() + cnt,
+                       [](const auto& a, const auto& c) { return a.first < c.first; });
+      for (int64_t c0 = 0; c0 < d; c0 += D)
+        decode_cut<D>(ent.data(), cnt, Wm, bias, widths, G, B * d, d, c0, std::min<int64_t>(D, d - c0), out + b * d);
+    }
+  }
+}
+
+template <typename W>
+void gather_dot_t(const float* S, const int32_t* idx, const W* Wm, const int64_t* widths, int64_t G, float* out,
+                  int64_t B, int64_t K, int64_t d, int threads) {
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t i = idx[b * K + j];
+      const float* s = S + (group_of(i, widths, G) * B + b) * d;
+      const W* r = Wm + i * d;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += s[c] * widen(r[c]);
+      out[b * K + j] = acc;
+    }
+}
+
+template <typename O>
+int64_t latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
+                          const float* xc, const float* v, const float* S, const int64_t* widths, int64_t G,
+                          O* dW_enc, O* db_enc, O* dW_dec, int threads) {
+  std::vector<int64_t> start, entry;
+  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, nullptr, dp, v);
+  if (bad) return bad;
+  // As sparse_ops.cpp's latent_backward: one thread owns a latent and writes its rows once, zeros included;
+  // the only change is the decoder rows' block, S[g(i)], fixed per latent.
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> roff;
+    std::vector<float> cw, cv;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* ent = entry.data() + start[i];
+      const int64_t cnt = start[i + 1] - start[i];
+      roff.resize(cnt);
+      for (int64_t s = 0; s < cnt; ++s) roff[s] = (ent[s] / K) * d;
+      if (dp) {
+        cw.resize(cnt);
+        float bias = 0.f;
+        for (int64_t s = 0; s < cnt; ++s) bias += (cw[s] = dp[ent[s]]);
+        reduce_row(roff.data(), cw.data(), cnt, xc, d, dW_enc + i * d);
+        narrow(bias, db_enc[i]);
+      }
+      if (v) {
+        cv.resize(cnt);
+        for (int64_t s = 0; s < cnt; ++s) cv[s] = v[ent[s]];
+        reduce_row(roff.data(), cv.data(), cnt, S + group_of(i, widths, G) * B * d, d, dW_dec + i * d);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int64_t matryoshka_decode(const float* values, const int32_t* idx, const void* W, bool bf16, const float* bias,
+                          const int64_t* widths, int64_t G, float* out, int64_t B, int64_t K, int64_t n, int64_t d,
+                          int threads) {
+  if (const int64_t bad = detail::count_out_of_range(idx, B * K, n)) return bad;
+  if (bf16) decode_t(values, idx, static_cast<const uint16_t*>(W), bias, widths, G, out, B, K, d, threads);
+  else decode_t(values, idx, static_cast<const float*>(W), bias, widths, G, out, B, K, d, threads);
+  return 0;
+}
+
+int64_t matryoshka_gather_dot(const float* S, const int32_t* idx, const void* W, bool bf16, const int64_t* widths,
+                              int64_t G, float* out, int64_t B, int64_t K, int64_t n, int64_t d, int threads) {
+  if (const int64_t bad = detail::count_out_of_range(idx, B * K, n)) return bad;
+  if (bf16) gather_dot_t(S, idx, static_cast<const uint16_t*>(W), widths, G, out, B, K, d, threads);
+  else gather_dot_t(S, idx, static_cast<const float*>(W), widths, G, out, B, K, d, threads);
+  return 0;
+}
+
+int64_t matryoshka_latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d,
+                                   const float* dp, const float* xc, const float* v, const float* S,
+                                   const int64_t* widths, int64_t G, void* dW_enc, void* db_enc, void* dW_dec,
+                                   bool bf16, int threads) {
+  if (bf16)
+    return latent_backward_t(idx, B, K, n, d, dp, xc, v, S, widths, G, static_cast<uint16_t*>(dW_enc),
+                             static_cast<uint16_t*>(db_enc), static_cast<uint16_t*>(dW_dec), threads);
+  return latent_backward_t(idx, B, K, n, d, dp, xc, v, S, widths, G, static_cast<float*>(dW_enc),
+                           static_cast<float*>(db_enc), static_cast<float*>(dW_dec), threads);
+}
+
+}  // namespace sae_fast
