@@ -301,12 +301,16 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     return _encode(x, W_enc, b_enc, b_dec, "batchtopk", k, lambda pre: reference.batch_topk(pre, k))
 
 
-def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor,
+def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor | None,
                          k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``topk_encode``'s (values, indices) and AuxK's (aux_values, aux_indices), the top-min(k_aux, n)
     pre-activations per row among the ``dead_mask`` latents, ReLU'd (padded with inactive entries where fewer
     are dead), from one encoder pass. For an encoder whose decoder is a separate op (a transcoder with
-    d_out != d_in); ``topk_sae`` does both with the decoder otherwise."""
+    d_out != d_in); ``topk_sae`` does both with the decoder otherwise. No ``dead_mask`` or k_aux 0: empty
+    (B, 0) AuxK lists."""
+    if dead_mask is None or not k_aux:
+        values, idx = topk_encode(x, W_enc, b_enc, b_dec, k)
+        return values, idx, values[:, :0], idx[:, :0]
     check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
     check_k("k", k, n)

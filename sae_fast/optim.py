@@ -17,7 +17,11 @@ The state is ``torch.optim.Adam``'s (this class is one: ``exp_avg``, ``exp_avg_s
 parameter, in ``sae.parameters()`` order), so checkpoints resume across fused and unfused steps, and
 ``step()`` is plain Adam on ``.grad``. Where no fused kernel applies (the torch and reference backends,
 16-bit activations or autocast on CPU, eval mode, a param group changed to weight decay, amsgrad or
-maximize) ``step_fused`` runs the unfused step instead, with the same result up to float rounding.
+maximize, a Matryoshka SAE, a transcoder whose output is wider or narrower than its input) ``step_fused``
+runs the unfused step instead, with the same result up to float rounding.
+
+A transcoder (``step_fused(x, target=y)``) runs the same kernels with a zero encoder bias and ``xc = x``; its
+loss reads y, and a skip connection's W_skip (dense) gets its gradient from the small graph and Adam in torch.
 """
 from __future__ import annotations
 
@@ -146,7 +150,7 @@ class FusedAdam(torch.optim.Adam):
 
     def _unfused(self, x: Tensor, sparsity_weight: float, target: Tensor | None = None) -> SAEOutput:
         sae = self.sae
-        out = sae(x, target)
+        out = sae(x) if target is None else sae(x, target=target)
         training_loss(sae, out, sparsity_weight).backward()
         if self.unit_norm_decoder:
             sae.remove_parallel_grad_()
@@ -220,7 +224,7 @@ class FusedAdam(torch.optim.Adam):
             inputs += [xh, b_dec_l]
             if cfg.skip_connection:  # a dense (d_out, d_in) term: a plain gradient and Adam below
                 W_skip_l = sae.W_skip.detach().requires_grad_()
-                x_hat = x_hat + x @ W_skip_l.T
+                x_hat = x_hat + x.float() @ W_skip_l.T  # fp32 master weight beside 16-bit x
                 inputs.append(W_skip_l)
             xf, x_hat_f = y.float(), x_hat.float()
             mse = R.mse(x_hat_f, xf)

@@ -120,3 +120,22 @@ def test_fused_step_falls_back_for_different_widths():
     before = sae.W_skip.detach().clone()
     out = opt.step_fused(x, target=y)
     assert out.x_hat.shape == (6, 13) and not torch.equal(before, sae.W_skip.detach())
+
+
+@pytest.mark.parametrize("backend", INTERPRETED_TRITON)
+def test_triton_fused_step_under_bf16_autocast(backend):
+    """bf16 activations beside fp32 master weights, W_skip included (the GPU default)."""
+    sae = _transcoder(20, 40, 20, True, k=5, k_aux=9)
+    ref = copy.deepcopy(sae)
+    fused, plain = FusedAdam(sae, lr=1e-3), torch.optim.Adam(ref.parameters(), lr=1e-3)
+    x, y = _data(9, 20, 20)
+    with sae_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.fused_reason(x) is None
+        out = fused.step_fused(x, target=y)
+        want = ref(x, target=y)
+    training_loss(ref, want, 1.0).backward()
+    plain.step()
+    torch.testing.assert_close(out.loss, want.loss.detach(), rtol=1e-2, atol=1e-3)
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    for p, q in zip(sae.parameters(), ref.parameters()):  # bf16 rounding can flip a step's sign: |diff| <= 2 lr
+        assert float((p - q).abs().max()) <= 2.5e-3

@@ -278,7 +278,8 @@ class Trainer:
                         out = opts[n].step_fused(batch[n], weight, target=y)
                     else:
                         with autocast:
-                            out = saes[n](batch[n], y)
+                            # the distributed wrappers take x only (they refuse transcoders at config time)
+                            out = saes[n](batch[n]) if y is None else saes[n](batch[n], target=y)
                         (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
                     for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
@@ -362,7 +363,7 @@ class Trainer:
         for s in range(0, x.shape[0], batch):
             xb = x[s:s + batch]
             yb = None if y is None else y[s:s + batch]
-            out = sae(xb, yb)
+            out = sae(xb) if yb is None else sae(xb, target=yb)
             err += float((out.x_hat.float() - (xb if yb is None else yb)).pow(2).sum())
             l0 += float((out.values > 0).sum())
             if widths:
