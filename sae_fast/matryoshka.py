@@ -73,7 +73,7 @@ class _PrefixSSE(torch.autograd.Function):
         diff = prefixes.to(x.dtype) - x
         ctx.save_for_backward(diff)
         ctx.dtype = prefixes.dtype
-        return diff.pow(2).flatten(1).sum(1)
+        return torch.linalg.vector_norm(diff, dim=(1, 2)).square()  # no (G, B, d) temporary
 
     @staticmethod
     def backward(ctx, g):
@@ -90,23 +90,32 @@ def prefix_fvus(prefixes: Tensor, x: Tensor) -> Tensor:
 
 
 def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_main: int, dp: Tensor, xc: Tensor,
-                      v: Tensor, S: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
+                      v: Tensor, g: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
                       project: bool, renorm: bool) -> Tensor | None:
     """The backend's ``fused_adam_step`` for a Matryoshka SAE: a group's latents take their decoder rows from
-    S_g (S: ``ops.suffix_sums`` of the prefixes' gradients), so the step runs once per group on that group's
-    rows of the parameters and moments (contiguous row slices), the entries of other groups left out as
-    padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
-    only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None.
+    S_p = sum_{q >= p} g_q (g (G, B, d): the prefixes' gradients), so the step runs once per group on that
+    group's rows of the parameters and moments (contiguous row slices), the entries of other groups left out
+    as padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
+    only the entries' counting sort is repeated per group. The groups go last to first, so S_p is built in
+    place in one (B, d) buffer (beside AuxK's own decoder rows ``g_aux`` (B, d), when given), no (G, B, d) copy.
     Returns the sum of the groups' encoder sums where the backend has them (``fused_step_sums_encoder``)."""
+    B = g.shape[1]
     group = torch.bucketize(idx.long(), torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device), right=True)
-    lo, enc_sum = 0, None
-    for p, hi in enumerate(widths):
+    rows = torch.empty(B if g_aux is None else 2 * B, g.shape[2], dtype=g.dtype, device=g.device)
+    if g_aux is not None:
+        rows[B:] = g_aux
+    S = rows[:B]
+    enc_sum = None
+    for p in range(len(widths) - 1, -1, -1):
+        if p == len(widths) - 1:
+            S.copy_(g[p])
+        else:
+            S.add_(g[p])
+        lo, hi = (widths[p - 1] if p else 0), widths[p]
         mine = group == p
-        rows = S[p] if g_aux is None else torch.cat([S[p], g_aux.to(S.dtype)])
         cut = slice(lo, hi)
         part = backend.fused_adam_step(torch.where(mine, idx - lo, 0), torch.where(mine, pre, float("-inf")), k_main,
-                                       dp, xc, v, rows.contiguous(), None if d_norm is None else d_norm[cut],
+                                       dp, xc, v, rows, None if d_norm is None else d_norm[cut],
                                        [t[cut] for t in params], [t[cut] for t in moments], adam, project, renorm)
         enc_sum = part if enc_sum is None else enc_sum + part
-        lo = hi
     return enc_sum

@@ -34,7 +34,7 @@ from . import reference as R
 from .checks import check_encoder, dead_bound
 from .dispatch import get_backend
 from .matryoshka import _MatryoshkaDecode, grouped_adam_step, prefix_fvus
-from .ops import _SparseDecode, gather_latents, suffix_sums
+from .ops import _SparseDecode, gather_latents
 from .sae import SAEOutput, SparseAutoencoder
 
 UNIT_NORM_ACTIVATIONS = ("topk", "batchtopk")
@@ -284,7 +284,7 @@ class FusedAdam(torch.optim.Adam):
                                                   self.unit_norm_decoder)
             else:
                 enc_sum = grouped_adam_step(backend, widths, idx_all, pre_all, idx.shape[1], dp_all, xc, v_all,
-                                            suffix_sums(g), g_aux, d_norm, [p.data for p in params], moments, adam,
+                                            g, g_aux, d_norm, [p.data for p in params], moments, adam,
                                             self.unit_norm_decoder, self.unit_norm_decoder)
             if sums_encoder and not cfg.transcode:
                 g_b_dec = g_b_dec - enc_sum.to(g_b_dec.dtype)

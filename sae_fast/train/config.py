@@ -210,8 +210,8 @@ class TrainConfig:
             return None
         if self.activation not in ("topk", "batchtopk"):
             raise ValueError(f"--matryoshka needs --activation topk or batchtopk; got {self.activation!r}")
-        if self.distributed in ("data", "latent"):
-            raise ValueError(f"--matryoshka does not run under --distributed {self.distributed} yet")
+        if self.distributed == "latent":
+            raise ValueError("--matryoshka does not run under --distributed latent yet")
         try:
             m = self.matryoshka
             widths = [int(w) for w in (m.split(",") if isinstance(m, str) else m)]  # a list from Python too
