@@ -45,6 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOADS = {name.upper(): BENCH_WORKLOADS[name] for name in DEFAULT_WORKLOADS["cuda"]}
 AUX_K = 32  # AuxK in the fused pass (16-bit inputs): the largest k_aux it takes (topk_encoder.MAX_K_AUX)
 SCAN_CHUNK = 4096  # latents per cuBLAS chunk of the GEMM + scan encoders (scan_encoder)
+MATRYOSHKA_WIDTHS = lambda n: (n // 16, n // 4, n)  # noqa: E731 - three prefixes, as SAELens' examples
 W4_MAX_ROW = 256  # W4: padded code width (largest L0 in a batch at a mean of 64), per-split list capacity
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Per-target limits: SM count of the reference part (A100 SXM, H100 SXM), the largest shared memory one
@@ -119,6 +120,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         encoder_common,
         fused_step,
         latent_backward,
+        matryoshka,
         scan_encoder,
         threshold_encoder,
         topk_encoder,
@@ -135,7 +137,7 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
     W_gemm = torch.empty(n, d, dtype=dt, **meta)  # what the backend hands the tiles (a copy for bf16)
     dev = encoder_common.Device(cap, TARGETS[cap]["sms"])
     notes = {}  # launch position -> what sets it apart
-    kernels = (encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward, fused_step)
+    kernels = (encoder_common, topk_encoder, threshold_encoder, decoder, latent_backward, fused_step, matryoshka)
     with _recording(kernels, dev) as sink:
         c = encoder_common.fold_bias(W_enc, b_enc, b_dec)
         K = k if w.activation == "topk" else W4_MAX_ROW
@@ -181,6 +183,14 @@ def launches(workload: str, dtype_name: str, cap: int) -> list[Launch]:
         else:                                                  # encoder and decoder nodes separately
             latent_backward.latent_backward(idx, n, values, xc, grad_dtype=f32)
             latent_backward.latent_backward(idx, n, v=values, g=g, grad_dtype=f32)
+        if w.activation == "topk":  # a Matryoshka SAE's decode and one backward for every prefix
+            start = len(sink)
+            widths = MATRYOSHKA_WIDTHS(n)
+            S = torch.empty(len(widths), B, d, dtype=dt, **meta)
+            matryoshka.matryoshka_decode(values, idx, W_read, b_dec, widths)
+            matryoshka.matryoshka_gather_dot(S, idx, W_read, widths)
+            matryoshka.matryoshka_latent_backward(idx, n, dp, xc, values, S, widths, grad_dtype=f32)
+            notes.update(dict.fromkeys(range(start, len(sink)), f"Matryoshka, widths {widths}"))
         # The fused training step (sae_fast.optim.FusedAdam) in place of the latent-sorted backward + Adam.
         start = len(sink)
         unit = w.activation == "topk"
@@ -318,7 +328,11 @@ def markdown(rows: list[dict], command: str) -> str:
             f"launcher picks for the target's SM count. bf16 is autocast over fp32 master weights. W4: ReLU, code "
             f"padded to {W4_MAX_ROW}; the bf16 top-k encoder also appears with a fused AuxK list of {AUX_K}, and "
             f"every bf16 encoder launch once more with the fp32 W_enc read by the tiles (master_in_kernel); the "
-            f"bf16 encoders also as GEMM + scan (chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed).\n\n"
+            f"bf16 encoders also as GEMM + scan (chunk {SCAN_CHUNK}: the scan kernels, cuBLAS not listed); the "
+            f"fused training step (`_fused_adam_kernel`, FusedAdam) beside the latent-sorted backward it replaces; for "
+            f"the top-k workloads the Matryoshka kernels at widths n/16, n/4, n. "
+            f"AuxK at the trainer's default k_aux = d/2 is no Triton launch (a GEMM over dead rows: cuBLAS and "
+            f"torch.topk).\n\n"
             + head + body)
 
 

@@ -10,35 +10,14 @@ TopK the decode and that backward are inside the fused ``ops.topk_sae`` node (it
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from . import custom_ops, reference
 from .backends.base import cast_or_none
-from .checks import check_code, check_index_range
+from .checks import check_code, check_index_range, check_widths
 from .dispatch import ReferenceBackend, get_backend
 from .ops import _gathered, _sum_rows, suffix_sums
-
-
-def check_widths(widths, n_latents: int, activation: str | None = None) -> list[int]:
-    """``matryoshka`` as a list of ints: cumulative prefix widths, strictly increasing, the last = n_latents
-    (and, given an SAE's ``activation``, that it is topk or batchtopk)."""
-    if activation is not None and activation not in ("topk", "batchtopk"):
-        raise ValueError(f"matryoshka needs activation 'topk' or 'batchtopk'; got {activation!r}")
-    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
-        raise TypeError(f"matryoshka must be a list of prefix widths; got {type(widths).__name__} {widths!r}")
-    widths = list(widths)
-    if not widths or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in widths):
-        raise TypeError(f"matryoshka must be a non-empty list of ints (prefix widths); got {widths!r}")
-    widths = [int(m) for m in widths]
-    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
-        raise ValueError(f"matryoshka prefix widths must be positive and strictly increasing; got {widths}")
-    if widths[-1] != n_latents:
-        raise ValueError(f"matryoshka's last prefix width must be n_latents={n_latents} (cumulative widths, "
-                         f"SAELens' convention); got {widths}")
-    return widths
 
 
 class _MatryoshkaDecode(torch.autograd.Function):
@@ -119,7 +98,7 @@ def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_ma
     padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
     only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None.
     Returns the sum of the groups' encoder sums where the backend has them (``fused_step_sums_encoder``)."""
-    group = backend._groups(idx, widths)
+    group = torch.bucketize(idx.long(), torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device), right=True)
     lo, enc_sum = 0, None
     for p, hi in enumerate(widths):
         mine = group == p

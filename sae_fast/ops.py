@@ -23,6 +23,7 @@ from .checks import (
     check_index_range,
     check_k,
     check_number,
+    check_widths,
     is_master,
     set_check_finite,
 )
@@ -34,8 +35,9 @@ try:  # newer torch; with older ones eager code decides as before, and compiling
 except ImportError:
     guard_or_false = bool
 
-__all__ = ["topk_encode", "topk_encode_with_aux", "relu_encode", "jumprelu_encode", "batch_topk_encode", "threshold_encode",
-           "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
+__all__ = ["topk_encode", "topk_encode_with_aux", "relu_encode", "jumprelu_encode", "batch_topk_encode",
+           "threshold_encode", "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
+           "MatryoshkaTopKSAEResult",
            "available_backends", "get_backend", "use_backend", "register_backend", "set_check_finite", "is_master"]
 
 
@@ -390,25 +392,36 @@ class TopKSAEResult(NamedTuple):
     x_hat: Tensor        # (B, d) reconstruction
     aux_values: Tensor   # (B, k_aux) top-k_aux over dead latents (AuxK), or (B, 0)
     aux_indices: Tensor  # (B, k_aux) int32, or (B, 0)
-    prefixes: Tensor | None = None  # (G, B, d) every Matryoshka prefix's reconstruction (x_hat is the last)
+
+
+class MatryoshkaTopKSAEResult(NamedTuple):
+    """``topk_sae(..., matryoshka=widths)``: TopKSAEResult's fields and every prefix's reconstruction."""
+    values: Tensor
+    indices: Tensor
+    x_hat: Tensor        # (B, d) the full reconstruction, prefixes[-1]
+    aux_values: Tensor
+    aux_indices: Tensor
+    prefixes: Tensor     # (G, B, d)
 
 
 def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
              dead_mask: Tensor | None = None, k_aux: int = 0, pad_aux: bool = False,
-             matryoshka: list[int] | None = None) -> TopKSAEResult:
+             matryoshka: list[int] | None = None) -> TopKSAEResult | MatryoshkaTopKSAEResult:
     """A whole TopK SAE forward in one differentiable op (one fused backward pass on fused backends).
 
     With ``dead_mask`` (n,) bool and ``k_aux`` > 0 it also returns the top-min(k_aux, #dead) dead latents
     per row, for the AuxK loss. ``pad_aux`` keeps the list min(k_aux, n) wide whatever the dead count, so
     nothing reads the count back to the host: missing dead latents are inactive entries (value 0), and
     with no dead latent at all the caller should zero the AuxK loss (``SparseAutoencoder`` multiplies it
-    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths, checked by the caller:
-    ``sae_fast.matryoshka.check_widths``) adds every prefix's reconstruction, ``prefixes`` (G, B, d), from
-    the same decode pass; then ``x_hat`` is ``prefixes[-1]``."""
+    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths [m_1, ..., n]) adds every prefix's
+    reconstruction, ``prefixes`` (G, B, d), from the same decode pass (a MatryoshkaTopKSAEResult; ``x_hat``
+    is ``prefixes[-1]``)."""
     check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
     check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
     check_k("k", k, n)
+    if matryoshka is not None:
+        matryoshka = check_widths(matryoshka, n)
     if check_count("k_aux", k_aux) < 0:
         raise ValueError(f"k_aux must be >= 0; got {k_aux}")
     if dead_mask is not None and k_aux:
@@ -428,11 +441,13 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
         else:
             aux_values = x.new_zeros(x.shape[0], 0)
             aux_idx = torch.zeros(x.shape[0], 0, dtype=reference.INDEX_DTYPE, device=x.device)
-        return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx, prefixes)
+        if prefixes is not None:
+            return MatryoshkaTopKSAEResult(values, idx, x_hat, aux_values, aux_idx, prefixes)
+        return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
     mask = dead_mask.to(x.device) if k_aux else None
-    widths = None if matryoshka is None else list(matryoshka)
+    widths = matryoshka
     values, idx, x_hat, aux_values, aux_idx = _TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux,
                                                               backend.name, widths)
     if widths is None:
         return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
-    return TopKSAEResult(values, idx, x_hat[-1], aux_values, aux_idx, x_hat)
+    return MatryoshkaTopKSAEResult(values, idx, x_hat[-1], aux_values, aux_idx, x_hat)

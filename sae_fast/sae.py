@@ -244,7 +244,8 @@ class SparseAutoencoder(nn.Module):
                     # A transcoder's encoder bias is zero there; its b_dec is added after the decode.
                     res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_in, cfg.k, dead, k_aux, pad_aux=True,
                                        matryoshka=cfg.matryoshka)
-                    values, indices, x_hat, prefixes = res.values, res.indices, res.x_hat, res.prefixes
+                    values, indices, x_hat = res.values, res.indices, res.x_hat
+                    prefixes = None if cfg.matryoshka is None else res.prefixes
                     aux_values, aux_indices = res.aux_values, res.aux_indices
                     if cfg.transcode:
                         x_hat = x_hat + b_dec.to(x_hat.dtype)

@@ -7,7 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
-from .matryoshka import check_widths
+from .checks import check_widths
 
 Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")

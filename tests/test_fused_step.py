@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="n
 # (activation, SAE options): JumpReLU with a wide window so its thresholds get gradients.
 CASES = {
     "topk+auxk": ("topk", dict(k=5, k_aux=9)),
+    # Wider than the triton encoder's fused AuxK list (32) beside bf16 tiles: its dead-row block.
+    "topk+wide auxk": ("topk", dict(k=5, k_aux=36)),
     "topk k=1": ("topk", dict(k=1, k_aux=3)),
     "topk no aux": ("topk", dict(k=4, k_aux=0)),
     "batchtopk": ("batchtopk", dict(k=5)),
@@ -114,7 +116,7 @@ def test_triton_fused_step_matches_unfused(backend, case):
 
 
 @pytest.mark.parametrize("backend", INTERPRETED_TRITON)
-@pytest.mark.parametrize("case", ["topk+auxk", "relu"])
+@pytest.mark.parametrize("case", ["topk+auxk", "topk+wide auxk", "relu"])
 def test_triton_fused_step_under_bf16_autocast(backend, case):
     """Mixed precision: bf16 activations beside fp32 master weights and moments (the GPU default)."""
     act, opts = CASES[case]

@@ -124,13 +124,16 @@ def test_training_steps_read_nothing_back(monkeypatch, activation, fused):
 
 @pytest.mark.parametrize("backend", INTERPRETED_TRITON)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka-topk"])
 def test_triton_training_steps_read_nothing_back(monkeypatch, backend, activation, fused):
     """The triton backend's whole steps with the trap on, AuxK at its default k_aux = d / 2 (fp32 AuxK is
     the dead-row block): after a first step that sizes the lists (one read per shape) nothing is read back,
     and the steps equal steps whose lists were sized exactly."""
     d, n = 16, 64
-    sae = SparseAutoencoder(d, n, activation, k=3, k_aux=d // 2, dead_tokens=10_000, l1_coeff=0.1, seed=0)
+    matryoshka = [8, 24, n] if activation.startswith("matryoshka") else None
+    activation = activation.split("-")[-1]
+    sae = SparseAutoencoder(d, n, activation, k=3, k_aux=d // 2, dead_tokens=10_000, l1_coeff=0.1, seed=0,
+                            matryoshka=matryoshka)
     sae.tokens_since_fired[::4] = 20_000  # dead latents (AuxK): fewer than a few rows' k_aux
     exact = copy.deepcopy(sae)
     opts = [FusedAdam(m, lr=1e-3) if fused else make_adam(m.parameters(), 1e-3) for m in (sae, exact)]

@@ -81,6 +81,7 @@ def trainer_step_harness(setup: Setup, backend: str, fused: bool = True, activat
     """What ``sae-fast train`` runs per step: FusedAdam.step_fused with the trainer's defaults (AuxK on with
     k_aux = d / 2), every DEAD_EVERY-th latent kept dead; ``fused=False``: the same SAE and dead set stepped
     as ``--no-fused-step`` does (backward, the trainer's Adam, the decoder constraints)."""
+    from ..checks import deferred_finite_checks
     from ..optim import FusedAdam
     from ..sae import SparseAutoencoder
     w = setup.workload
@@ -94,14 +95,18 @@ def trainer_step_harness(setup: Setup, backend: str, fused: bool = True, activat
         with torch.no_grad():  # a steady dead set (latents that fire leave it): same AuxK work every call
             sae.tokens_since_fired[::DEAD_EVERY] = sae.cfg.dead_tokens
 
+    # As the trainer runs its steps: device-side checks, read once per call here (the bench synchronises
+    # after each call anyway), so the triton backend's lists are sized with no read inside the step.
     def forward(x):
         keep_dead()
-        out = sae(x)
+        with deferred_finite_checks():
+            out = sae(x)
         return out.x_hat, out.loss
 
     def step(x):
         keep_dead()
-        return opt.step_fused(x).x_hat
+        with deferred_finite_checks():
+            return opt.step_fused(x).x_hat
 
     return Harness(forward, list(sae.parameters()), sae.remove_parallel_grad_, sae.normalize_decoder_, backend,
                    optimizer=opt, step=step if fused else None,

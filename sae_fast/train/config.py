@@ -75,7 +75,7 @@ class TrainConfig:
     matryoshka: Optional[str] = None
     """topk, batchtopk: train a Matryoshka SAE with these cumulative prefix widths, comma-separated, the last =
     the number of latents (e.g. 128,512,3072; SAELens' matryoshka_widths). The loss sums every prefix's FVU; the
-    final metrics give each prefix's held-out FVU. The step runs unfused."""
+    final metrics give each prefix's held-out FVU. All prefixes come from one decode; the step is fused."""
     transcode: bool = False
     """Train a transcoder: read each --layer module's input and predict its output (sparsify's convention: the
     hookpoint names the module; e.g. --layer model.layers.15.mlp). Both ends come from one model forward and are

@@ -278,6 +278,7 @@ class Trainer:
                         out = opts[n].step_fused(batch[n], weight, target=y)
                     else:
                         with autocast:
+                            # the distributed wrappers take x only (they refuse transcoders at config time)
                             out = saes[n](batch[n]) if y is None else saes[n](batch[n], target=y)
                         (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
