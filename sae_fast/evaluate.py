@@ -161,12 +161,11 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
             special += int(inputs["attention_mask"].sum()) - int(keep.sum())
             sinks += int(sink.sum())
             xs = x[edit].float() * t_scale
-            if transcode:  # the prediction, skip term included
-                pred = sae(x_in[edit].float().mul(scale).to(sae.W_dec.dtype), target=xs.to(sae.W_dec.dtype))
-                values, indices, x_hat = pred.values, pred.indices, pred.x_hat.float()
-            else:
-                values, indices = sae.encode(xs.to(sae.W_dec.dtype))
-                x_hat = sae.decode(values, indices).float()
+            sae_in = (x_in[edit].float() * scale if transcode else xs).to(sae.W_dec.dtype)
+            values, indices = sae.encode(sae_in)
+            x_hat = sae.decode(values, indices).float()
+            if getattr(sae.cfg, "skip_connection", False):  # as SparseAutoencoder.predict
+                x_hat = x_hat + (sae_in @ sae.W_skip.T).float()
             n = xs.shape[0]
             tok_err = (x_hat - xs).double().pow(2).sum(-1)
             errors.append(tok_err.float().cpu())  # 4 bytes a token: which tokens carry the error

@@ -183,12 +183,22 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """x_hat (..., d_out) from a sparse code (..., K): the dictionary part and b_dec (a skip connection's
-        ``x @ W_skip.T`` needs x: ``forward`` adds it)."""
+        ``x @ W_skip.T`` needs x: ``forward`` and ``predict`` add it)."""
         lead = values.shape[:-1]
         dtype, (_, _, W_dec, b_dec) = self._weights(values)
         v2 = values.reshape(-1, values.shape[-1]).to(dtype)
         x_hat = ops.sparse_decode(v2, indices.reshape(v2.shape), W_dec, b_dec)
         return x_hat.reshape(*lead, self.d_out)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The output for x (..., d_in), no target needed: an SAE's reconstruction, a transcoder's prediction
+        of its module's output (..., d_out), the skip term included."""
+        values, indices = self.encode(x)
+        y_hat = self.decode(values, indices)
+        if self.cfg.skip_connection:
+            dtype = self._weights(y_hat)[0]
+            y_hat = y_hat + (x.to(dtype) @ self._as(self.W_skip, dtype).T).to(y_hat.dtype)
+        return y_hat
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """Dense (..., n) pre-activations: for inspection only (memory grows with n)."""

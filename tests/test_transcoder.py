@@ -139,3 +139,13 @@ def test_triton_fused_step_under_bf16_autocast(backend):
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     for p, q in zip(sae.parameters(), ref.parameters()):  # bf16 rounding can flip a step's sign: |diff| <= 2 lr
         assert float((p - q).abs().max()) <= 2.5e-3
+
+
+def test_predict_needs_no_target_and_includes_the_skip_term():
+    sae = _transcoder(20, 40, 13, True, k=4).eval()
+    x, y = _data(5, 20, 13)
+    torch.testing.assert_close(sae.predict(x[None]), sae(x, target=y).x_hat[None])
+    values, indices = sae.encode(x)
+    assert not torch.allclose(sae.decode(values, indices), sae.predict(x))  # decode has no skip term
+    plain = SparseAutoencoder(20, 40, "topk", k=4, seed=0).eval()
+    torch.testing.assert_close(plain.predict(x), plain(x).x_hat)

@@ -138,3 +138,12 @@ def test_resume_continues_a_transcoder_exactly(tmp_path):
     got = load_file(str(folder / "sae.safetensors"))
     for k in ("W_enc", "W_dec", "W_skip", "b_enc", "b_dec"):
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_a_checkpoint_from_before_transcoders_resumes():
+    """A config saved before the transcode fields existed lacks them: their defaults are no change."""
+    from sae_fast.train.runfolder import trajectory_changes
+    now = TrainConfig().to_dict()
+    old = {k: v for k, v in now.items() if k not in ("transcode", "skip_connection")}
+    assert trajectory_changes(old, now) == []
+    assert trajectory_changes(old, TrainConfig(transcode=True).to_dict()) == ["transcode: False -> True"]
