@@ -220,3 +220,22 @@ def check_select_k(k, n: int, k_aux: int = 0) -> None:
     check_k("k", k, n)
     if k_aux:
         check_k("k_aux", k_aux, n)
+
+
+def check_widths(widths, n_latents: int, activation: str | None = None) -> list[int]:
+    """``matryoshka`` as a list of ints: cumulative prefix widths, strictly increasing, the last = n_latents
+    (and, given an SAE's ``activation``, that it is topk or batchtopk)."""
+    if activation is not None and activation not in ("topk", "batchtopk"):
+        raise ValueError(f"matryoshka needs activation 'topk' or 'batchtopk'; got {activation!r}")
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(f"matryoshka must be a list of prefix widths; got {type(widths).__name__} {widths!r}")
+    widths = list(widths)
+    if not widths or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in widths):
+        raise TypeError(f"matryoshka must be a non-empty list of ints (prefix widths); got {widths!r}")
+    widths = [int(m) for m in widths]
+    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
+        raise ValueError(f"matryoshka prefix widths must be positive and strictly increasing; got {widths}")
+    if widths[-1] != n_latents:
+        raise ValueError(f"matryoshka's last prefix width must be n_latents={n_latents} (cumulative widths, "
+                         f"SAELens' convention); got {widths}")
+    return widths

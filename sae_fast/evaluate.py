@@ -18,6 +18,11 @@ Reconstruction numbers are over the evaluated positions, in the SAE's units (``x
 ratio over the whole set, sum |x - x_hat|^2 / sum |x - mean(x)|^2 (not a mean of per-batch ratios), L0 the
 mean count of active latents, dead the fraction of latents that never fired, cosine the mean cosine of
 x and x_hat, shrinkage the mean of |x_hat| / |x|. For a model without an LM head only these apply.
+
+A transcoder (``sae.cfg.transcode``) reads the module's input (times ``scale``) and predicts its output (times
+``target_scale``): spliced means the module's output replaced by that prediction / target_scale, the
+reconstruction numbers compare the prediction with the output, and the sinks are found on both ends (as in
+training). The ablations are the module's output zeroed or replaced by its mean, as for an SAE.
 Memory is bounded by one batch's logits (batch x ctx_len x vocabulary floats, a few of them).
 """
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .activations.corpus import window_batches
-from .activations.hooks import first_tensor, resolve_layers
+from .activations.hooks import first_tensor, module_input, resolve_layers
 from .activations.sinks import DEFAULT_SINK_FACTOR, sink_mask
 from .steer import _replace_first
 
@@ -42,16 +47,20 @@ def is_causal_lm(model) -> bool:
 
 
 class _Splice:
-    """Forward hook on one module: records its output (``replacement`` None) or returns ``replacement``."""
+    """Forward hook on one module: records its output (``replacement`` None) or returns ``replacement``;
+    with ``inputs`` it records the module's input too (a transcoder's)."""
 
-    def __init__(self, module, name):
-        self.name, self.captured, self.replacement = name, None, None
-        self.handle = module.register_forward_hook(self)
+    def __init__(self, module, name, inputs: bool = False):
+        self.name, self.captured, self.captured_in, self.replacement = name, None, None, None
+        self.inputs = inputs
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         x = first_tensor(output, self.name)
         if self.replacement is None:
             self.captured = x.detach()
+            if self.inputs:
+                self.captured_in = module_input(args, kwargs, self.name).detach()
             return None
         return _replace_first(output, self.replacement.to(x.dtype))
 
@@ -99,10 +108,14 @@ def _nll_and_logp(logits: Tensor, ids: Tensor, valid: Tensor) -> tuple[float, Te
 @torch.no_grad()
 def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: float = 1.0, ctx_len: int = 128,
              batch_size: int = 8, max_tokens: int = 8192, sink_factor: float = DEFAULT_SINK_FACTOR,
-             exclude_special: bool = True, lm: bool | None = None, progress: bool = True) -> dict:
+             exclude_special: bool = True, lm: bool | None = None, progress: bool = True,
+             target_scale: float | None = None) -> dict:
     """The module docstring's numbers for ``sae`` at ``layer`` over the first ``max_tokens`` evaluated
     positions of ``texts``. ``lm``: compute the cross-entropy numbers (None: when the model is a causal
-    LM; True on a model without an LM head is an error)."""
+    LM; True on a model without an LM head is an error). ``target_scale``: a transcoder's output scale
+    (default ``scale``)."""
+    transcode = bool(getattr(sae.cfg, "transcode", False))
+    t_scale = scale if target_scale is None else target_scale
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
     causal = is_causal_lm(model)
@@ -119,8 +132,8 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
     device = next(model.parameters()).device
     mean_raw = layer_mean(model, tokenizer, names[0], first, ctx_len=ctx_len, batch_size=batch_size,
                           max_tokens=max_tokens, sink_factor=sink_factor, exclude_special=exclude_special)
-    mean_sae = (mean_raw * scale).to(device)
-    hook = _Splice(dict(model.named_modules())[names[0]], names[0])
+    mean_sae = (mean_raw * t_scale).to(device)
+    hook = _Splice(dict(model.named_modules())[names[0]], names[0], inputs=transcode)
     acc = {k: 0.0 for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "err", "var", "l0", "cos", "shrink")}
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     count = predicted = special = sinks = 0
@@ -135,17 +148,24 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
                 clean_logits = model(**inputs).logits
             else:
                 model(**inputs)
-            x = hook.captured
-            if x.shape[-1] != sae.d_in:
-                raise ValueError(f"layer {names[0]!r} outputs width {x.shape[-1]}, the SAE reads {sae.d_in}; "
-                                 "pass the layer and model the SAE was trained on")
-            sink = sink_mask(x, keep, sink_factor)
+            x = hook.captured  # the module's output: what is replaced
+            x_in = hook.captured_in if transcode else x  # what the SAE reads
+            if x_in.shape[-1] != sae.d_in or x.shape[-1] != getattr(sae, "d_out", sae.d_in):
+                what = "reads" if transcode else "outputs"
+                raise ValueError(f"layer {names[0]!r} {what} width {x_in.shape[-1]}"
+                                 + (f" and outputs {x.shape[-1]}" if transcode else "")
+                                 + f", the SAE reads {sae.d_in}" + (f" and predicts {sae.d_out}" if transcode else "")
+                                 + "; pass the layer and model the SAE was trained on")
+            sink = sink_mask({"in": x_in, "out": x} if transcode else x, keep, sink_factor)
             edit = _limit(keep & ~sink, max_tokens - count)
             special += int(inputs["attention_mask"].sum()) - int(keep.sum())
             sinks += int(sink.sum())
-            xs = x[edit].float() * scale
-            values, indices = sae.encode(xs.to(sae.W_dec.dtype))
+            xs = x[edit].float() * t_scale
+            sae_in = (x_in[edit].float() * scale if transcode else xs).to(sae.W_dec.dtype)
+            values, indices = sae.encode(sae_in)
             x_hat = sae.decode(values, indices).float()
+            if getattr(sae.cfg, "skip_connection", False):  # as SparseAutoencoder.predict
+                x_hat = x_hat + (sae_in @ sae.W_skip.T).float()
             n = xs.shape[0]
             tok_err = (x_hat - xs).double().pow(2).sum(-1)
             errors.append(tok_err.float().cpu())  # 4 bytes a token: which tokens carry the error
@@ -162,7 +182,7 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
                 nll, logp_clean = _nll_and_logp(clean_logits, ids, valid)
                 acc["ce_clean"] += nll
                 del clean_logits
-                for key, fill in (("ce_spliced", x_hat / scale), ("ce_zero", 0.0), ("ce_mean", mean_raw)):
+                for key, fill in (("ce_spliced", x_hat / t_scale), ("ce_zero", 0.0), ("ce_mean", mean_raw)):
                     new = x.clone()
                     new[edit] = fill.to(x.dtype) if isinstance(fill, Tensor) else torch.tensor(fill, dtype=x.dtype)
                     hook.replacement = new
@@ -187,6 +207,8 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
            "shrinkage": acc["shrink"] / count, "special_excluded": special, "sinks_excluded": sinks,
            "sink_factor": sink_factor}
     out["explained_variance"] = 1.0 - out["fvu"]
+    if transcode:
+        out["transcoder"] = True  # the numbers compare its prediction with the module's output
     err = torch.cat(errors).double()
     top = max(1, err.numel() // 100)
     out["top1pct_error_share"] = float(torch.topk(err, top).values.sum() / err.sum().clamp_min(1e-30))
@@ -203,8 +225,11 @@ def evaluate(model, tokenizer, layer: str, sae, texts: Iterable[str], *, scale: 
 def describe(m: dict) -> str:
     """A few lines a newcomer can read."""
     lines = [f"on {m['tokens']:,} held-out tokens ({m['special_excluded']:,} special/BOS and {m['sinks_excluded']:,} "
-             f"attention-sink tokens left out): the SAE explains {100 * m['explained_variance']:.1f}% of the "
-             f"variance (FVU {m['fvu']:.4f}) with {m['l0']:.1f} active latents per token; {100 * m['dead_frac']:.1f}% "
+             f"attention-sink tokens left out): the "
+             + ("transcoder's prediction explains" if m.get("transcoder") else "SAE explains")
+             + f" {100 * m['explained_variance']:.1f}% of the "
+             + ("module output's " if m.get("transcoder") else "")
+             + f"variance (FVU {m['fvu']:.4f}) with {m['l0']:.1f} active latents per token; {100 * m['dead_frac']:.1f}% "
              f"of latents never fired; cosine(x, x_hat) {m['cosine']:.3f}, shrinkage |x_hat|/|x| {m['shrinkage']:.3f}"]
     if "ce_clean" in m:
         lines.append(f"spliced into the model it recovers {100 * m['ce_recovered_zero']:.1f}% of the next-token loss "

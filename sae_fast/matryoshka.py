@@ -10,35 +10,14 @@ TopK the decode and that backward are inside the fused ``ops.topk_sae`` node (it
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from . import custom_ops, reference
 from .backends.base import cast_or_none
-from .checks import check_code, check_index_range
+from .checks import check_code, check_index_range, check_widths
 from .dispatch import ReferenceBackend, get_backend
 from .ops import _gathered, _sum_rows, suffix_sums
-
-
-def check_widths(widths, n_latents: int, activation: str | None = None) -> list[int]:
-    """``matryoshka`` as a list of ints: cumulative prefix widths, strictly increasing, the last = n_latents
-    (and, given an SAE's ``activation``, that it is topk or batchtopk)."""
-    if activation is not None and activation not in ("topk", "batchtopk"):
-        raise ValueError(f"matryoshka needs activation 'topk' or 'batchtopk'; got {activation!r}")
-    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
-        raise TypeError(f"matryoshka must be a list of prefix widths; got {type(widths).__name__} {widths!r}")
-    widths = list(widths)
-    if not widths or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in widths):
-        raise TypeError(f"matryoshka must be a non-empty list of ints (prefix widths); got {widths!r}")
-    widths = [int(m) for m in widths]
-    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:])):
-        raise ValueError(f"matryoshka prefix widths must be positive and strictly increasing; got {widths}")
-    if widths[-1] != n_latents:
-        raise ValueError(f"matryoshka's last prefix width must be n_latents={n_latents} (cumulative widths, "
-                         f"SAELens' convention); got {widths}")
-    return widths
 
 
 class _MatryoshkaDecode(torch.autograd.Function):
@@ -94,7 +73,7 @@ class _PrefixSSE(torch.autograd.Function):
         diff = prefixes.to(x.dtype) - x
         ctx.save_for_backward(diff)
         ctx.dtype = prefixes.dtype
-        return diff.pow(2).flatten(1).sum(1)
+        return torch.linalg.vector_norm(diff, dim=(1, 2)).square()  # no (G, B, d) temporary
 
     @staticmethod
     def backward(ctx, g):
@@ -111,23 +90,32 @@ def prefix_fvus(prefixes: Tensor, x: Tensor) -> Tensor:
 
 
 def grouped_adam_step(backend, widths: list[int], idx: Tensor, pre: Tensor, k_main: int, dp: Tensor, xc: Tensor,
-                      v: Tensor, S: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
+                      v: Tensor, g: Tensor, g_aux: Tensor | None, d_norm: Tensor | None, params, moments, adam,
                       project: bool, renorm: bool) -> Tensor | None:
     """The backend's ``fused_adam_step`` for a Matryoshka SAE: a group's latents take their decoder rows from
-    S_g (S: ``ops.suffix_sums`` of the prefixes' gradients), so the step runs once per group on that group's
-    rows of the parameters and moments (contiguous row slices), the entries of other groups left out as
-    padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
-    only the entries' counting sort is repeated per group. ``g_aux``: AuxK's own decoder rows (B, d) or None.
+    S_p = sum_{q >= p} g_q (g (G, B, d): the prefixes' gradients), so the step runs once per group on that
+    group's rows of the parameters and moments (contiguous row slices), the entries of other groups left out
+    as padding (pre = -inf). Every latent is still updated exactly once, in one streaming pass over the rows;
+    only the entries' counting sort is repeated per group. The groups go last to first, so S_p is built in
+    place in one (B, d) buffer (beside AuxK's own decoder rows ``g_aux`` (B, d), when given), no (G, B, d) copy.
     Returns the sum of the groups' encoder sums where the backend has them (``fused_step_sums_encoder``)."""
-    group = backend._groups(idx, widths)
-    lo, enc_sum = 0, None
-    for p, hi in enumerate(widths):
+    B = g.shape[1]
+    group = torch.bucketize(idx.long(), torch.tensor(widths[:-1], dtype=torch.int64, device=idx.device), right=True)
+    rows = torch.empty(B if g_aux is None else 2 * B, g.shape[2], dtype=g.dtype, device=g.device)
+    if g_aux is not None:
+        rows[B:] = g_aux
+    S = rows[:B]
+    enc_sum = None
+    for p in range(len(widths) - 1, -1, -1):
+        if p == len(widths) - 1:
+            S.copy_(g[p])
+        else:
+            S.add_(g[p])
+        lo, hi = (widths[p - 1] if p else 0), widths[p]
         mine = group == p
-        rows = S[p] if g_aux is None else torch.cat([S[p], g_aux.to(S.dtype)])
         cut = slice(lo, hi)
         part = backend.fused_adam_step(torch.where(mine, idx - lo, 0), torch.where(mine, pre, float("-inf")), k_main,
-                                       dp, xc, v, rows.contiguous(), None if d_norm is None else d_norm[cut],
+                                       dp, xc, v, rows, None if d_norm is None else d_norm[cut],
                                        [t[cut] for t in params], [t[cut] for t in moments], adam, project, renorm)
         enc_sum = part if enc_sum is None else enc_sum + part
-        lo = hi
     return enc_sum

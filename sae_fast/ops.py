@@ -23,6 +23,7 @@ from .checks import (
     check_index_range,
     check_k,
     check_number,
+    check_widths,
     is_master,
     set_check_finite,
 )
@@ -34,8 +35,9 @@ try:  # newer torch; with older ones eager code decides as before, and compiling
 except ImportError:
     guard_or_false = bool
 
-__all__ = ["topk_encode", "relu_encode", "jumprelu_encode", "batch_topk_encode", "threshold_encode",
-           "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
+__all__ = ["topk_encode", "topk_encode_with_aux", "relu_encode", "jumprelu_encode", "batch_topk_encode",
+           "threshold_encode", "sparse_decode", "gather_latents", "decoder_norm_l1", "topk_sae", "TopKSAEResult",
+           "MatryoshkaTopKSAEResult",
            "available_backends", "get_backend", "use_backend", "register_backend", "set_check_finite", "is_master"]
 
 
@@ -100,20 +102,48 @@ class _Select(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_pre, _):
         x, W_enc, b_dec, pre, idx = ctx.saved_tensors
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
-        dp = torch.where(torch.isfinite(pre), d_pre, 0.0)  # padding entries (-inf) carry no gradient
-        dW_enc = db_enc = dx = db_dec = None
-        if need_W or need_b_enc:
-            # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
-            xc = (x - b_dec).to(x.dtype)
-            dW_enc, db_enc, _ = custom_ops.latent_backward(ctx.backend, idx, W_enc.shape[0], dp=dp, xc=xc,
-                                                           grad_dtype=W_enc.dtype)
-        if need_x:
-            dx = custom_ops.sparse_decode(ctx.backend, dp, idx, W_enc)
-        if need_b_dec:
-            db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx)
-        grads = _like((dx, dW_enc, db_enc, db_dec), ctx.dtypes)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
+        return (*_select_backward(ctx, x, W_enc, b_dec, pre, idx, d_pre), None, None, None)
+
+
+class _SelectWithAux(torch.autograd.Function):
+    """TopK selection plus AuxK's top-k_aux dead latents from one encoder pass (for a decoder that is a
+    separate op: transcoders with d_out != d_in); returns (pre, idx, aux_pre, aux_idx)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, backend, k, dead_mask, k_aux):
+        pre, idx, aux_pre, aux_idx = custom_ops.topk_select(backend, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        ctx.backend, ctx.k = backend, pre.shape[1]
+        ctx.dtypes = [t.dtype for t in (x, W_enc, b_enc, b_dec)]
+        ctx.save_for_backward(x, W_enc, b_dec, torch.cat([pre, aux_pre], 1), torch.cat([idx, aux_idx], 1))
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return pre, idx, aux_pre, aux_idx
+
+    @staticmethod
+    def backward(ctx, d_pre, _, d_aux, __):
+        x, W_enc, b_dec, pre, idx = ctx.saved_tensors
+        k = ctx.k
+        d_pre = torch.zeros_like(pre[:, :k]) if d_pre is None else d_pre
+        d_aux = torch.zeros_like(pre[:, k:]) if d_aux is None else d_aux
+        return (*_select_backward(ctx, x, W_enc, b_dec, pre, idx, torch.cat([d_pre, d_aux.to(d_pre.dtype)], 1)),
+                None, None, None, None)
+
+
+def _select_backward(ctx, x, W_enc, b_dec, pre, idx, d_pre):
+    """Gradients of (x, W_enc, b_enc, b_dec) from those of the selected pre-activations."""
+    need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+    dp = torch.where(torch.isfinite(pre), d_pre, 0.0)  # padding entries (-inf) carry no gradient
+    dW_enc = db_enc = dx = db_dec = None
+    if need_W or need_b_enc:
+        # Gathered rows stay in x's dtype; master weights get fp32 gradients straight from the kernel.
+        xc = (x - b_dec).to(x.dtype)
+        dW_enc, db_enc, _ = custom_ops.latent_backward(ctx.backend, idx, W_enc.shape[0], dp=dp, xc=xc,
+                                                       grad_dtype=W_enc.dtype)
+    if need_x:
+        dx = custom_ops.sparse_decode(ctx.backend, dp, idx, W_enc)
+    if need_b_dec:
+        db_dec = -_encoder_input_grad_sum(ctx.backend, dp, idx, W_enc, db_enc, dx)
+    grads = _like((dx, dW_enc, db_enc, db_dec), ctx.dtypes)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4]))
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -271,6 +301,31 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     return _encode(x, W_enc, b_enc, b_dec, "batchtopk", k, lambda pre: reference.batch_topk(pre, k))
 
 
+def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor | None,
+                         k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``topk_encode``'s (values, indices) and AuxK's (aux_values, aux_indices), the top-min(k_aux, n)
+    pre-activations per row among the ``dead_mask`` latents, ReLU'd (padded with inactive entries where fewer
+    are dead), from one encoder pass. For an encoder whose decoder is a separate op (a transcoder with
+    d_out != d_in); ``topk_sae`` does both with the decoder otherwise. No ``dead_mask`` or k_aux 0: empty
+    (B, 0) AuxK lists."""
+    if dead_mask is None or not k_aux:
+        values, idx = topk_encode(x, W_enc, b_enc, b_dec, k)
+        return values, idx, values[:, :0], idx[:, :0]
+    check_encoder(x, W_enc, b_enc, b_dec)
+    n = W_enc.shape[0]
+    check_k("k", k, n)
+    check_dead_mask(dead_mask, n)
+    k_aux = min(check_count("k_aux", k_aux), n)
+    check_k("k_aux", k_aux, n)
+    dead = dead_mask.to(x.device)
+    backend = get_backend(x.device)
+    if isinstance(backend, ReferenceBackend):
+        pre = _reference_pre(x, W_enc, b_enc, b_dec)
+        return (*reference.topk(pre, k), *reference.dead_topk(pre, dead, k_aux))
+    pre, idx, aux_pre, aux_idx = _SelectWithAux.apply(x, W_enc, b_enc, b_dec, backend.name, k, dead, k_aux)
+    return torch.relu(pre), idx, torch.relu(aux_pre), aux_idx
+
+
 def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """BatchTopK at inference: ``p * (p > threshold)`` with one global threshold."""
     check_encoder(x, W_enc, b_enc, b_dec)
@@ -337,25 +392,36 @@ class TopKSAEResult(NamedTuple):
     x_hat: Tensor        # (B, d) reconstruction
     aux_values: Tensor   # (B, k_aux) top-k_aux over dead latents (AuxK), or (B, 0)
     aux_indices: Tensor  # (B, k_aux) int32, or (B, 0)
-    prefixes: Tensor | None = None  # (G, B, d) every Matryoshka prefix's reconstruction (x_hat is the last)
+
+
+class MatryoshkaTopKSAEResult(NamedTuple):
+    """``topk_sae(..., matryoshka=widths)``: TopKSAEResult's fields and every prefix's reconstruction."""
+    values: Tensor
+    indices: Tensor
+    x_hat: Tensor        # (B, d) the full reconstruction, prefixes[-1]
+    aux_values: Tensor
+    aux_indices: Tensor
+    prefixes: Tensor     # (G, B, d)
 
 
 def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
              dead_mask: Tensor | None = None, k_aux: int = 0, pad_aux: bool = False,
-             matryoshka: list[int] | None = None) -> TopKSAEResult:
+             matryoshka: list[int] | None = None) -> TopKSAEResult | MatryoshkaTopKSAEResult:
     """A whole TopK SAE forward in one differentiable op (one fused backward pass on fused backends).
 
     With ``dead_mask`` (n,) bool and ``k_aux`` > 0 it also returns the top-min(k_aux, #dead) dead latents
     per row, for the AuxK loss. ``pad_aux`` keeps the list min(k_aux, n) wide whatever the dead count, so
     nothing reads the count back to the host: missing dead latents are inactive entries (value 0), and
     with no dead latent at all the caller should zero the AuxK loss (``SparseAutoencoder`` multiplies it
-    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths, checked by the caller:
-    ``sae_fast.matryoshka.check_widths``) adds every prefix's reconstruction, ``prefixes`` (G, B, d), from
-    the same decode pass; then ``x_hat`` is ``prefixes[-1]``."""
+    by ``dead_mask.any()``). ``matryoshka`` (cumulative prefix widths [m_1, ..., n]) adds every prefix's
+    reconstruction, ``prefixes`` (G, B, d), from the same decode pass (a MatryoshkaTopKSAEResult; ``x_hat``
+    is ``prefixes[-1]``)."""
     check_encoder(x, W_enc, b_enc, b_dec)
     n = W_enc.shape[0]
     check_float("W_dec", W_dec, (n, x.shape[1]), x.dtype, x.device)
     check_k("k", k, n)
+    if matryoshka is not None:
+        matryoshka = check_widths(matryoshka, n)
     if check_count("k_aux", k_aux) < 0:
         raise ValueError(f"k_aux must be >= 0; got {k_aux}")
     if dead_mask is not None and k_aux:
@@ -375,11 +441,13 @@ def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
         else:
             aux_values = x.new_zeros(x.shape[0], 0)
             aux_idx = torch.zeros(x.shape[0], 0, dtype=reference.INDEX_DTYPE, device=x.device)
-        return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx, prefixes)
+        if prefixes is not None:
+            return MatryoshkaTopKSAEResult(values, idx, x_hat, aux_values, aux_idx, prefixes)
+        return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
     mask = dead_mask.to(x.device) if k_aux else None
-    widths = None if matryoshka is None else list(matryoshka)
+    widths = matryoshka
     values, idx, x_hat, aux_values, aux_idx = _TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, mask, k_aux,
                                                               backend.name, widths)
     if widths is None:
         return TopKSAEResult(values, idx, x_hat, aux_values, aux_idx)
-    return TopKSAEResult(values, idx, x_hat[-1], aux_values, aux_idx, x_hat)
+    return MatryoshkaTopKSAEResult(values, idx, x_hat[-1], aux_values, aux_idx, x_hat)

@@ -17,7 +17,11 @@ The state is ``torch.optim.Adam``'s (this class is one: ``exp_avg``, ``exp_avg_s
 parameter, in ``sae.parameters()`` order), so checkpoints resume across fused and unfused steps, and
 ``step()`` is plain Adam on ``.grad``. Where no fused kernel applies (the torch and reference backends,
 16-bit activations or autocast on CPU, eval mode, a param group changed to weight decay, amsgrad or
-maximize) ``step_fused`` runs the unfused step instead, with the same result up to float rounding.
+maximize, a Matryoshka SAE, a transcoder whose output is wider or narrower than its input) ``step_fused``
+runs the unfused step instead, with the same result up to float rounding.
+
+A transcoder (``step_fused(x, target=y)``) runs the same kernels with a zero encoder bias and ``xc = x``; its
+loss reads y, and a skip connection's W_skip (dense) gets its gradient from the small graph and Adam in torch.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from . import reference as R
 from .checks import check_encoder, dead_bound
 from .dispatch import get_backend
 from .matryoshka import _MatryoshkaDecode, grouped_adam_step, prefix_fvus
-from .ops import _SparseDecode, gather_latents, suffix_sums
+from .ops import _SparseDecode, gather_latents
 from .sae import SAEOutput, SparseAutoencoder
 
 UNIT_NORM_ACTIVATIONS = ("topk", "batchtopk")
@@ -84,8 +88,7 @@ class FusedAdam(torch.optim.Adam):
             raise TypeError(f"sae must be a SparseAutoencoder; got {type(sae).__name__}")
         super().__init__(sae.parameters(), lr=lr, betas=betas, eps=eps)
         self.sae = sae
-        self.unit_norm_decoder = (sae.cfg.activation in UNIT_NORM_ACTIVATIONS if unit_norm_decoder is None
-                                  else bool(unit_norm_decoder))
+        self.unit_norm_decoder = sae.unit_norm_decoder if unit_norm_decoder is None else bool(unit_norm_decoder)
         self._t: int | None = 0  # Python copy of the shared step count: bias corrections without a host read
 
     # ------------------------------------------------------------------ torch.optim.Adam compatibility
@@ -111,6 +114,8 @@ class FusedAdam(torch.optim.Adam):
     def fused_reason(self, x: Tensor) -> str | None:
         """Why ``step_fused(x)`` would run the unfused step, or None when it runs fused."""
         sae = self.sae
+        if sae.d_out != sae.d_in:
+            return "a transcoder with d_out != d_in: the fused kernel takes one width for x and the output"
         backend = get_backend(x.device)
         dtype = _compute_dtype(x)
         supported = getattr(backend, "fused_step_supported", None)  # the reference backend has no primitives
@@ -131,20 +136,21 @@ class FusedAdam(torch.optim.Adam):
             return "gradients are pending (accumulated micro-batches)"
         return None
 
-    def step_fused(self, x: Tensor, sparsity_weight: float = 1.0) -> SAEOutput:
-        """One training step on the batch ``x`` (..., d_in); returns the forward's SAEOutput (detached;
-        ``loss`` is the module's, the backpropagated one scales ReLU's/JumpReLU's sparsity term by
-        ``sparsity_weight``)."""
+    def step_fused(self, x: Tensor, sparsity_weight: float = 1.0, target: Tensor | None = None) -> SAEOutput:
+        """One training step on the batch ``x`` (..., d_in) (a transcoder: and its ``target`` (..., d_out));
+        returns the forward's SAEOutput (detached; ``loss`` is the module's, the backpropagated one scales
+        ReLU's/JumpReLU's sparsity term by ``sparsity_weight``)."""
         x2 = self.sae._flatten(x)
+        y2 = self.sae._target(x2, target)
         if self.fused_reason(x2) is not None:
-            return self._unfused(x, sparsity_weight)
+            return self._unfused(x, sparsity_weight, target)
         dtype = _compute_dtype(x2)
         with torch.autocast(x2.device.type, enabled=False):  # 16-bit activations beside fp32 weights, explicitly
-            return self._fused(x2.to(dtype), float(sparsity_weight), x.shape[:-1])
+            return self._fused(x2.to(dtype), float(sparsity_weight), x.shape[:-1], y2.to(dtype))
 
-    def _unfused(self, x: Tensor, sparsity_weight: float) -> SAEOutput:
+    def _unfused(self, x: Tensor, sparsity_weight: float, target: Tensor | None = None) -> SAEOutput:
         sae = self.sae
-        out = sae(x)
+        out = sae(x) if target is None else sae(x, target=target)
         training_loss(sae, out, sparsity_weight).backward()
         if self.unit_norm_decoder:
             sae.remove_parallel_grad_()
@@ -171,10 +177,12 @@ class FusedAdam(torch.optim.Adam):
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
-    def _fused(self, x: Tensor, weight: float, lead) -> SAEOutput:
+    def _fused(self, x: Tensor, weight: float, lead, y: Tensor) -> SAEOutput:
         sae, cfg = self.sae, self.sae.cfg
         W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-        check_encoder(x, W_enc.detach(), b_enc.detach(), b_dec.detach())
+        # A transcoder's encoder reads x itself (zero encoder bias); its target y is the module's output.
+        b_in = sae._encoder_bias(b_dec.detach())
+        check_encoder(x, W_enc.detach(), b_enc.detach(), b_in)
         backend = get_backend(x.device)
         act = cfg.activation
         # AuxK with a fixed list width: dead latents fewer than k_aux leave padding (-inf, skipped by the
@@ -185,13 +193,13 @@ class FusedAdam(torch.optim.Adam):
             theta = sae.log_threshold.exp() if act == "jumprelu" else None
             if act == "topk":
                 with dead_bound(sae.dead_bound if k_aux else None):
-                    pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_dec, cfg.k, dead, k_aux)
+                    pre, idx, aux_pre, aux_idx = backend.topk_select(x, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
             elif act == "batchtopk":
-                pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_dec, cfg.k)
+                pre, idx = backend.batch_topk_select(x, W_enc, b_enc, b_in, cfg.k)
             elif act == "relu":
-                pre, idx = backend.threshold_select(x, W_enc, b_enc, b_dec, torch.zeros_like(b_enc))
+                pre, idx = backend.threshold_select(x, W_enc, b_enc, b_in, torch.zeros_like(b_enc))
             else:  # every entry inside the estimator's window, as ops.jumprelu_encode lists them
-                pre, idx = backend.threshold_select(x, W_enc, b_enc, b_dec, theta - cfg.jumprelu_bandwidth / 2)
+                pre, idx = backend.threshold_select(x, W_enc, b_enc, b_in, theta - cfg.jumprelu_bandwidth / 2)
             W_d = W_dec.detach()
         with torch.enable_grad():
             pre_l = pre.detach().requires_grad_()
@@ -214,7 +222,11 @@ class FusedAdam(torch.optim.Adam):
                 prefixes = xh + b_dec_l
                 x_hat = prefixes[-1]
             inputs += [xh, b_dec_l]
-            xf, x_hat_f = x.float(), x_hat.float()
+            if cfg.skip_connection:  # a dense (d_out, d_in) term: a plain gradient and Adam below
+                W_skip_l = sae.W_skip.detach().requires_grad_()
+                x_hat = x_hat + x.float() @ W_skip_l.T  # fp32 master weight beside 16-bit x
+                inputs.append(W_skip_l)
+            xf, x_hat_f = y.float(), x_hat.float()
             mse = R.mse(x_hat_f, xf)
             prefix_fvu = None if widths is None else prefix_fvus(prefixes, xf)
             fvu = R.fvu(x_hat_f, xf) if widths is None else prefix_fvu[-1]
@@ -225,7 +237,7 @@ class FusedAdam(torch.optim.Adam):
                 aux_l = aux_pre.detach().requires_grad_()
                 aux_values = torch.relu(aux_l)
                 e_hat = _SparseDecode.apply(aux_values, aux_idx, W_d, None, backend.name)
-                residual = (x - x_hat).detach().float()
+                residual = (y - x_hat).detach().float()
                 aux_loss = R.fvu(e_hat.float(), residual) * dead.any()
                 inputs += [aux_l, e_hat]
             if act in UNIT_NORM_ACTIVATIONS:
@@ -242,7 +254,8 @@ class FusedAdam(torch.optim.Adam):
             grads = torch.autograd.grad(train_loss, inputs, allow_unused=True)
         grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, inputs)]
         dp, g, g_b_dec = grads[:3]
-        rest = grads[3:]
+        g_skip = grads[3] if cfg.skip_connection else None
+        rest = grads[4:] if cfg.skip_connection else grads[3:]
         with torch.no_grad():
             v = values.detach()
             if k_aux:
@@ -254,12 +267,13 @@ class FusedAdam(torch.optim.Adam):
                 idx_all, pre_all, dp_all, v_all, g_all = idx, pre, dp, v, g
                 g_aux = None
             # b_dec enters the encoder through x - b_dec: its gradient there is -sum_e dp[e] W_enc[idx[e]]
-            # (W_enc before the update): summed by the kernel where it can, with the rows in cache.
+            # (W_enc before the update): summed by the kernel where it can, with the rows in cache. Not for a
+            # transcoder, whose encoder does not read b_dec.
             sums_encoder = getattr(backend, "fused_step_sums_encoder", False)
-            if not sums_encoder:
+            if not sums_encoder and not cfg.transcode:
                 dp_real = torch.where(torch.isneginf(pre_all), 0.0, dp_all)
                 g_b_dec = g_b_dec - backend.sparse_decode(dp_real, idx_all, W_enc.detach(), None).sum(0)
-            xc = (x.float() - b_dec.detach().float()).contiguous()
+            xc = (x.float() - b_in.float()).contiguous()
             adam = self._adam_scalars()
             params = [W_enc, b_enc, W_dec]
             moments = [t for p in params for t in (self._state(p)["exp_avg"], self._state(p)["exp_avg_sq"])]
@@ -270,11 +284,12 @@ class FusedAdam(torch.optim.Adam):
                                                   self.unit_norm_decoder)
             else:
                 enc_sum = grouped_adam_step(backend, widths, idx_all, pre_all, idx.shape[1], dp_all, xc, v_all,
-                                            suffix_sums(g), g_aux, d_norm, [p.data for p in params], moments, adam,
+                                            g, g_aux, d_norm, [p.data for p in params], moments, adam,
                                             self.unit_norm_decoder, self.unit_norm_decoder)
-            if sums_encoder:
+            if sums_encoder and not cfg.transcode:
                 g_b_dec = g_b_dec - enc_sum.to(g_b_dec.dtype)
-            small = [(b_dec, g_b_dec)] + ([(sae.log_threshold, rest[-1])] if act == "jumprelu" else [])
+            small = [(b_dec, g_b_dec)] + ([(sae.log_threshold, rest[-1])] if act == "jumprelu" else []) \
+                + ([(sae.W_skip, g_skip)] if cfg.skip_connection else [])
             for p, gr in small:
                 st = self._state(p)
                 adam_(p.data, gr.to(p.dtype), st["exp_avg"], st["exp_avg_sq"], *adam)
@@ -283,7 +298,7 @@ class FusedAdam(torch.optim.Adam):
             self._t += 1
             sae._update_training_state(v, idx)
             l0 = (v > 0).sum(-1).float().mean()
-        d = sae.d_in
+        d = sae.d_out
         return SAEOutput(x_hat.detach().reshape(*lead, d), v.reshape(*lead, -1), idx.reshape(*lead, -1),
                          loss.detach(), mse.detach(), fvu.detach(), aux_loss.detach(), l1.detach(), l0,
                          None if prefix_fvu is None else prefix_fvu.detach())

@@ -33,6 +33,19 @@ Matryoshka (Bussmann et al., 2025, arXiv:2503.17547), on topk or batchtopk codes
     the inner ones are added); FVU is that MSE over the variance of x, the same constant for every prefix,
     so this is SAELens' objective rescaled exactly as our plain TopK loss is. (dictionary_learning weights
     the groups 1/G, a rescaling of the same sum.) The latents a code picks do not depend on the prefixes.
+
+Transcoders (sparsify's SparseCoder with transcode=True; SAELens' Transcoder and SkipTranscoder) read a
+module's input x (B, d_in) and predict its output y (B, d_out): W_enc (n, d_in), W_dec (n, d_out),
+b_dec (d_out,), and with a skip connection W_skip (d_out, d_in).
+    pre-activations   p = x @ W_enc.T + b_enc        no b_dec subtracted: b_dec lives in y's space
+                      (sparsify's SparseCoder.encode subtracts b_dec only when not transcode; SAELens'
+                      Transcoder.process_sae_in skips it and its config refuses apply_b_dec_to_input)
+    prediction        y_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec  (+ x @ W_skip.T)
+    loss              fvu(y_hat, y) + aux_coeff * AuxK, AuxK = fvu(e_hat, y - y_hat) on the detached residual
+                      of the target (sparsify's e = y - sae_out, skip term included)
+The activations are an SAE's. An SAE with a skip connection (sparsify allows one) is the same with y = x and
+b_dec subtracted in the encoder. sparsify starts W_dec (and W_skip) at zero and keeps no unit-norm decoder
+rows for transcoders; ``transcoder_forward`` below is the whole forward.
 """
 from __future__ import annotations
 
@@ -225,3 +238,22 @@ def dead_topk(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tenso
     """The k_aux largest pre-activations per row among dead latents (k_aux <= number of dead), ReLU'd."""
     masked = pre.masked_fill(~dead_mask, float("-inf"))
     return topk(masked, k_aux)
+
+
+# ----------------------------------------------------------------------------- transcoders
+def transcoder_forward(x: Tensor, y: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                       W_skip: Tensor | None, k: int, dead_mask: Tensor | None = None, k_aux: int = 0,
+                       aux_coeff: float = 1 / 32) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A TopK transcoder: (y_hat (B, d_out), values, indices, fvu(y_hat, y), loss). AuxK (with ``dead_mask``
+    and k_aux > 0) models the residual y - y_hat with the top-k_aux dead latents, zero when none is dead."""
+    pre = x @ W_enc.T + b_enc
+    values, indices = topk(pre, k)
+    y_hat = sparse_decode(values, indices, W_dec, b_dec)
+    if W_skip is not None:
+        y_hat = y_hat + x @ W_skip.T
+    err = fvu(y_hat, y)
+    loss = err
+    if dead_mask is not None and k_aux:
+        aux_v, aux_i = dead_topk(pre, dead_mask, min(k_aux, pre.shape[1]))
+        loss = loss + aux_coeff * auxk_loss((y - y_hat).detach(), aux_v, aux_i, W_dec) * dead_mask.any()
+    return y_hat, values, indices, err, loss

@@ -17,10 +17,8 @@ through ``sae_fast.folders``, every format registered there: SAELens and sparsif
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,83 +37,11 @@ from .folders import (
     take,
     write_weights_and_config,
 )
-from .matryoshka import check_widths, matryoshka_decode, prefix_fvus
+from .matryoshka import matryoshka_decode, prefix_fvus
+from .sae_config import ACTIVATIONS, Activation, SAEConfig  # noqa: F401 (SAEConfig and the names live here too)
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
-
-Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
-
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    """Width of the activations the SAE reads."""
-    n_latents: int
-    """Number of dictionary features."""
-    activation: Activation = "topk"
-    """Sparsity mechanism: topk | batchtopk | relu (with decoder-norm-weighted L1) | jumprelu."""
-    k: int = 32
-    """Active latents per token for topk; average per token for batchtopk."""
-    l1_coeff: float = 5.0
-    """relu: weight of the L1 penalty sum_i f_i ||W_dec_i||."""
-    l0_coeff: float = 1.0
-    """jumprelu: weight of the L0 penalty."""
-    jumprelu_bandwidth: float = 1e-3
-    """jumprelu: width of the straight-through estimator's rectangle kernel."""
-    jumprelu_init_threshold: float = 1e-3
-    """jumprelu: initial per-latent threshold."""
-    k_aux: Optional[int] = None
-    """AuxK: dead latents used to model the residual per token (default d_in // 2; 0 turns AuxK off)."""
-    aux_coeff: float = 1 / 32
-    """AuxK: weight of the auxiliary loss."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead."""
-    matryoshka: Optional[list[int]] = None
-    """topk/batchtopk: cumulative prefix widths [m_1, ..., n] (SAELens' matryoshka_widths); the loss sums
-    every prefix's FVU (see reference.py). None: a plain SAE."""
-
-    def __post_init__(self):
-        # Every field checked here, so a bad cfg.json or argument fails at construction naming the field;
-        # numpy integers are integers (stored as int), 2.5 and True are not.
-        for name in ("d_in", "n_latents", "k", "dead_tokens") + (("k_aux",) if self.k_aux is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{name} must be an int; got {type(v).__name__} {v!r}")
-            setattr(self, name, int(v))
-        for name in ("d_in", "n_latents", "dead_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k must be between 1 and n_latents={self.n_latents}; got {self.k}")
-        if self.k_aux is None:
-            self.k_aux = self.d_in // 2
-        if self.k_aux < 0:
-            raise ValueError(f"k_aux must be >= 0; got {self.k_aux}")
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise TypeError(f"{name} must be a finite number; got {type(v).__name__} {v!r}")
-            setattr(self, name, float(v))
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
-            raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
-        if self.matryoshka is not None:
-            self.matryoshka = check_widths(self.matryoshka, self.n_latents, self.activation)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 class SAEOutput(NamedTuple):
     x_hat: Tensor      # (..., d_in) reconstruction
@@ -143,15 +69,19 @@ class SparseAutoencoder(nn.Module):
         if cfg is None:
             cfg = SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, **kwargs)
         self.cfg = cfg
-        n, d = self.cfg.n_latents, self.cfg.d_in
+        n, d, d_out = self.cfg.n_latents, self.cfg.d_in, self.cfg.d_out
         factory = {"device": device, "dtype": dtype or torch.float32}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(n, d, generator=gen, dtype=torch.float32)
-        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        W = torch.randn(n, d, generator=gen, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # An SAE's decoder starts tied to the encoder; a transcoder's at zero, as sparsify's does.
+        W_dec = torch.zeros(n, d_out) if self.cfg.transcode else W.clone()
         self.W_dec = nn.Parameter(W_dec.to(**factory))
-        self.W_enc = nn.Parameter(W_dec.clone().to(**factory))  # tied at init, trained apart
+        self.W_enc = nn.Parameter(W.to(**factory))
         self.b_enc = nn.Parameter(torch.zeros(n, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
+        if self.cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d, **factory))
         if self.cfg.activation == "jumprelu":
             init = math.log(self.cfg.jumprelu_init_threshold)
             self.log_threshold = nn.Parameter(torch.full((n,), init, **factory))
@@ -168,6 +98,16 @@ class SparseAutoencoder(nn.Module):
     @property
     def n_latents(self) -> int:
         return self.cfg.n_latents
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """TopK/BatchTopK SAEs keep unit-norm decoder rows; transcoders do not (their W_dec carries the
+        output's scale, as in sparsify)."""
+        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.transcode
 
     @property
     def dead_mask(self) -> Tensor:
@@ -229,58 +169,109 @@ class SparseAutoencoder(nn.Module):
             return ops.threshold_encode(x, W_enc, b_enc, b_dec, float(self.threshold))
         return ops.relu_encode(x, W_enc, b_enc, b_dec)
 
+    def _encoder_bias(self, b_dec: Tensor) -> Tensor:
+        """What the encoder subtracts from x: b_dec for an SAE, nothing (zeros) for a transcoder."""
+        return b_dec.new_zeros(self.d_in) if self.cfg.transcode else b_dec
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values, indices) of the active latents for x (..., d_in); see reference.py for the layout."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flatten(x)
         dtype, (W_enc, b_enc, _, b_dec) = self._weights(x2)
-        values, indices = self._encode2d(x2.to(dtype), W_enc, b_enc, b_dec)
+        values, indices = self._encode2d(x2.to(dtype), W_enc, b_enc, self._encoder_bias(b_dec))
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """x_hat (..., d_in) from a sparse code (..., K)."""
+        """x_hat (..., d_out) from a sparse code (..., K): the dictionary part and b_dec (a skip connection's
+        ``x @ W_skip.T`` needs x: ``forward`` and ``predict`` add it)."""
         lead = values.shape[:-1]
         dtype, (_, _, W_dec, b_dec) = self._weights(values)
         v2 = values.reshape(-1, values.shape[-1]).to(dtype)
         x_hat = ops.sparse_decode(v2, indices.reshape(v2.shape), W_dec, b_dec)
-        return x_hat.reshape(*lead, self.d_in)
+        return x_hat.reshape(*lead, self.d_out)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The output for x (..., d_in), no target needed: an SAE's reconstruction, a transcoder's prediction
+        of its module's output (..., d_out), the skip term included."""
+        values, indices = self.encode(x)
+        y_hat = self.decode(values, indices)
+        if self.cfg.skip_connection:
+            dtype = self._weights(y_hat)[0]
+            y_hat = y_hat + (x.to(dtype) @ self._as(self.W_skip, dtype).T).to(y_hat.dtype)
+        return y_hat
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """Dense (..., n) pre-activations: for inspection only (memory grows with n)."""
         x2 = self._flatten(x)
-        p = reference.pre_activations(x2.to(self.W_enc.dtype), self.W_enc, self.b_enc, self.b_dec)
+        p = reference.pre_activations(x2.to(self.W_enc.dtype), self.W_enc, self.b_enc, self._encoder_bias(self.b_dec))
         return p.reshape(*x.shape[:-1], self.n_latents)
 
+    def _target(self, x2: Tensor, target) -> Tensor:
+        """The (B, d_out) tensor the output is scored against: ``target`` for a transcoder, x for an SAE."""
+        if not self.cfg.transcode:
+            if target is not None:
+                raise ValueError("target= is for transcoders (SAEConfig(transcode=True)); an SAE reconstructs x")
+            return x2
+        if not isinstance(target, Tensor):
+            raise TypeError(f"a transcoder needs target= (the module's output, (..., d_out={self.d_out})); "
+                            f"got {type(target).__name__}")
+        if target.shape[-1:] != (self.d_out,) or target.numel() // self.d_out != x2.shape[0]:
+            raise ValueError(f"target must have shape (..., d_out={self.d_out}) with x's leading shape; got "
+                             f"{tuple(target.shape)} for x of {x2.shape[0]} rows")
+        return target.reshape(-1, self.d_out)
+
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> SAEOutput:
+        """Encode x, decode, and score the output against x (an SAE) or ``target`` (a transcoder: the
+        hooked module's output, (..., d_out))."""
         cfg = self.cfg
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flatten(x)
+        y2 = self._target(x2, target)
         dtype, (W_enc, b_enc, W_dec, b_dec) = self._weights(x2)
+        b_in = self._encoder_bias(b_dec)
         xc = x2.to(dtype)
         zero = x2.new_zeros((), dtype=torch.float32)
         aux_loss = zero
         if cfg.activation == "topk":
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
+            k_aux = cfg.k_aux if use_aux else 0
+            prefixes = None
             # A fixed AuxK width (no host read of the dead count); no dead latent at all zeroes the loss.
             with dead_bound(self.dead_bound if use_aux else None):
-                res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0,
-                                   pad_aux=True, matryoshka=cfg.matryoshka)
-            values, indices, x_hat, prefixes = res.values, res.indices, res.x_hat, res.prefixes
-            if res.aux_values.shape[1]:
-                residual = (x2 - x_hat).detach().float()
-                e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
-                aux_loss = reference.fvu(e_hat, residual) * dead.any()
+                if cfg.d_out == cfg.d_in:
+                    # A transcoder's encoder bias is zero there; its b_dec is added after the decode.
+                    res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_in, cfg.k, dead, k_aux, pad_aux=True,
+                                       matryoshka=cfg.matryoshka)
+                    values, indices, x_hat = res.values, res.indices, res.x_hat
+                    prefixes = None if cfg.matryoshka is None else res.prefixes
+                    aux_values, aux_indices = res.aux_values, res.aux_indices
+                    if cfg.transcode:
+                        x_hat = x_hat + b_dec.to(x_hat.dtype)
+                elif k_aux:  # widths differ: encoder and decoder as separate ops (each with its latent-sorted backward)
+                    values, indices, aux_values, aux_indices = ops.topk_encode_with_aux(
+                        xc, W_enc, b_enc, b_in, cfg.k, dead, k_aux)
+                else:
+                    values, indices = ops.topk_encode(xc, W_enc, b_enc, b_in, cfg.k)
+                    aux_values, aux_indices = values[:, :0], indices[:, :0]
+            if cfg.d_out != cfg.d_in:
+                x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
         else:
-            values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
+            values, indices, l0_soft = self._encode2d(xc, W_enc, b_enc, b_in, return_l0=True)
             if cfg.matryoshka is None:
                 prefixes, x_hat = None, ops.sparse_decode(values, indices, W_dec, b_dec)
             else:  # every prefix from one decode pass; the last is the full reconstruction
                 prefixes = matryoshka_decode(values, indices, W_dec, b_dec, cfg.matryoshka)
                 x_hat = prefixes[-1]
+        if cfg.skip_connection:
+            x_hat = x_hat + xc @ self._as(self.W_skip, dtype).T
+        if cfg.activation == "topk" and aux_values.shape[1]:
+            residual = (y2 - x_hat).detach().float()
+            e_hat = ops.sparse_decode(aux_values, aux_indices, W_dec, None).float()
+            aux_loss = reference.fvu(e_hat, residual) * dead.any()
 
-        xf, x_hat_f = x2.float(), x_hat.float()
+        xf, x_hat_f = y2.float(), x_hat.float()
         mse = reference.mse(x_hat_f, xf)
         l1 = ops.decoder_norm_l1(values, indices, W_dec)
         l0 = (values > 0).sum(-1).float().mean()
@@ -297,7 +288,7 @@ class SparseAutoencoder(nn.Module):
 
         if self.training:
             self._update_training_state(values, indices)
-        return SAEOutput(x_hat.reshape(*lead, self.d_in), values.reshape(*lead, -1), indices.reshape(*lead, -1),
+        return SAEOutput(x_hat.reshape(*lead, self.d_out), values.reshape(*lead, -1), indices.reshape(*lead, -1),
                          loss, mse, fvu, aux_loss, l1, l0, prefix_fvu)
 
     @torch.no_grad()
@@ -391,10 +382,12 @@ def _load_sae_fast(path, device=None, dtype=None) -> SparseAutoencoder:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path}: {e}") from e
     state = read_tensors(weights_path)
-    n, d = sae_cfg.n_latents, sae_cfg.d_in
-    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    n, d, d_out = sae_cfg.n_latents, sae_cfg.d_in, sae_cfg.d_out
+    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
     if sae_cfg.activation == "jumprelu":
         expected["log_threshold"] = (n,)
+    if sae_cfg.skip_connection:
+        expected["W_skip"] = (d_out, d)
     weights = {k: take(state, k, shape, weights_path) for k, shape in expected.items()}
     buffers = {k: state.pop(k) for k in ("tokens_since_fired", "threshold") if k in state}
     for k, (shape, kind) in {"tokens_since_fired": ((n,), "int64"), "threshold": ((), "float")}.items():

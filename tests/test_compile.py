@@ -97,3 +97,28 @@ def test_custom_op_fakes_match_the_kernels(backend):
     real op returns, and the schema and autograd registration are sound."""
     for op, args in _custom_op_cases(backend):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matryoshka_ops_compile_fullgraph(backend):
+    """The Matryoshka decode and its one-pass backward are custom ops too (widths are a constant list)."""
+    from sae_fast.matryoshka import matryoshka_decode
+    torch._dynamo.reset()
+    tensors = make_sae_tensors(16, 8, 64)
+    params = [tensors[1], tensors[3]]
+    widths = [5, 20, 64]
+
+    def loss(x, W_enc, b_enc, W_dec, b_dec):
+        r = ops.topk_sae(x, W_enc, b_enc, W_dec, b_dec, 4, matryoshka=widths)
+        v, i = ops.batch_topk_encode(x, W_enc, b_enc, b_dec, 4)
+        return (r.prefixes - x).pow(2).sum() + matryoshka_decode(v, i, W_dec, b_dec, widths).pow(2).sum()
+
+    with sae_fast.use_backend(backend):
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        out = compiled(*tensors)
+        grads = torch.autograd.grad(out, params)
+        ref = loss(*tensors)
+        ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

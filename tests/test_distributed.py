@@ -56,10 +56,10 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
-def _compare_runs(make_dist, rows_of, steps=4, B=24):
+def _compare_runs(make_dist, rows_of, steps=4, B=24, cases=CASES):
     """Run the single-process SAE and the distributed one side by side; compare losses and weights."""
     rank = dist.get_rank()
-    for activation, kw in CASES:
+    for activation, kw in cases:
         unit_norm = activation in ("topk", "batchtopk")
         ref = _sae(activation, kw)
         par = make_dist(copy.deepcopy(ref))
@@ -74,7 +74,7 @@ def _compare_runs(make_dist, rows_of, steps=4, B=24):
             x = torch.randn(B, 12, generator=gen) * 2
             o_r = _step(ref, opt_r, x, unit_norm)
             o_p = _step(par, opt_p, rows_of(x, rank), unit_norm)
-            for key in ("loss", "fvu", "mse", "aux_loss", "l1", "l0"):
+            for key in ("loss", "fvu", "mse", "aux_loss", "l1", "l0") + (("prefix_fvu",) if "matryoshka" in kw else ()):
                 _close(getattr(o_p, key).detach(), getattr(o_r, key).detach(), f"{activation} step {step} {key}")
             aux_seen |= float(o_r.aux_loss.detach()) > 0
             for name, p in ref.named_parameters():
@@ -113,6 +113,22 @@ def _leave(rank):
 
 def test_latent_sharded_and_data_parallel_steps_equal_one_process(tmp_path):
     _spawn(_steps_worker, tmp_path)
+
+
+MATRYOSHKA_CASES = [("topk", dict(k=4, k_aux=6, dead_tokens=40, matryoshka=[3, 11, 32])),
+                    ("batchtopk", dict(k=3, k_aux=0, matryoshka=[3, 11, 32]))]
+
+
+def _matryoshka_worker(rank, init_file):
+    _init(rank, init_file)
+    _compare_runs(DataParallelSAE, lambda x, r: x.chunk(WORLD)[r], cases=MATRYOSHKA_CASES)
+    _leave(rank)
+
+
+def test_data_parallel_matryoshka_steps_equal_one_process(tmp_path):
+    # Each prefix's SSE is shared over the global variance: the losses, every prefix's FVU and the weights
+    # after each step are the single-process ones.
+    _spawn(_matryoshka_worker, tmp_path)
 
 
 def test_clear_errors_for_shapes_the_world_cannot_split():

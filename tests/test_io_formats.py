@@ -399,8 +399,9 @@ def _break(folder, *, cfg=None, drop=None, tensors=None):
      r"tensor 'W_dec' .* has shape \(24, 40\); expected \(40, 24\)"),
     ("sparsify", dict(tensors={"encoder.bias": torch.zeros(N + 1)}), ValueError, "tensor 'encoder.bias'"),
     ("sparsify", dict(cfg={"activation": "groupmax"}), ValueError, "unsupported sparsify activation 'groupmax'"),
-    ("sparsify", dict(cfg={"transcode": True}), ValueError, "transcoder"),
-    ("sparsify", dict(cfg={"skip_connection": True}), ValueError, "skip connection"),
+    ("sparsify", dict(cfg={"transcode": "yes"}), ValueError, "transcode must be true or false"),
+    ("sparsify", dict(cfg={"skip_connection": True}), ValueError, "has no tensor 'W_skip'"),
+    ("sparsify", dict(cfg={"signed": True}), ValueError, "signed activations"),
     ("sparsify", dict(cfg={"num_latents": N + 2}), ValueError, r"tensor 'encoder.weight' .* expected \(42, 24\)"),
 ])
 def test_bad_files_give_clear_errors(tmp_path, fmt, change, error, match):

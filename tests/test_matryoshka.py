@@ -185,3 +185,17 @@ def test_fused_step_matches_the_unfused_step(backend, act, opts):
 def test_config_errors(kwargs, err, match):
     with pytest.raises(err, match=match):
         SAEConfig(**{"d_in": 16, "n_latents": 48, "k": 4, **kwargs})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ["topk", "batchtopk"])
+def test_bf16_autocast_over_fp32_master_weights(backend, act):
+    x = _data()
+    sae = SparseAutoencoder(16, 48, act, k=4, seed=0, k_aux=0, matryoshka=WIDTHS)
+    with sae_fast.use_backend(backend):
+        want = sae(x).prefix_fvu.detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x)
+        out.loss.backward()
+    assert sae.W_dec.grad.dtype == torch.float32 and torch.isfinite(sae.W_dec.grad).all()
+    torch.testing.assert_close(out.prefix_fvu, want, atol=3e-2, rtol=3e-2)

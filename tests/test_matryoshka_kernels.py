@@ -126,3 +126,39 @@ def test_prefix_fvus_and_suffix_sums_match_reference():
     assert gradcheck(prefix_fvus, (P, x))
     gP = torch.randn(4, 5, 3, generator=g)
     torch.testing.assert_close(suffix_sums(gP), torch.stack([gP[p:].sum(0) for p in range(4)]))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sae_fast._C not built")
+def test_cpu_kernels_are_bitwise_the_same_for_any_thread_count():
+    # One thread per output row / latent: the sums have one order whatever the thread count (a size above
+    # the backend's one-thread cutoff, so the second run really uses two threads).
+    be = dispatch.lookup_backend("cpu")
+    g = torch.Generator().manual_seed(3)
+    B, K, n, d, widths = 300, 24, 500, 64, [7, 100, 101, 333, 500]
+    idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)]).to(torch.int32)
+    values = torch.relu(torch.randn(B, K, generator=g))
+    W, bias = torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    S, dp, xc = torch.randn(len(widths), B, d, generator=g), torch.randn(B, K, generator=g), torch.randn(B, d, generator=g)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return (be.matryoshka_decode(values, idx, W, bias, widths), be.matryoshka_gather_dot(S, idx, W, widths),
+                    *be.matryoshka_latent_backward(idx, n, dp, xc, values, S, widths))
+        finally:
+            torch.set_num_threads(before)
+
+    for a, b in zip(run(1), run(2)):
+        assert torch.equal(a, b)
+
+
+def test_public_ops_check_the_widths_first():
+    from sae_fast import ops
+    from sae_fast.matryoshka import matryoshka_decode
+    values, idx, W, bias, _ = _code()
+    x = torch.randn(9, 6)
+    with pytest.raises(ValueError, match="last prefix width must be n_latents=41"):
+        ops.topk_sae(x, W, torch.zeros(41), W, bias, 3, matryoshka=[3, 40])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        matryoshka_decode(values, idx, W, bias, [10, 3, 41])

@@ -293,7 +293,7 @@ def test_matryoshka_trains_and_reports_each_prefix(tmp_path, capsys):
     (dict(matryoshka="24,8,64"), "strictly increasing"),
     (dict(matryoshka="8,32", n_latents=64), "last width must be --n-latents 64"),
     (dict(matryoshka="8,64", activation="relu"), "needs --activation topk or batchtopk"),
-    (dict(matryoshka="8,64", distributed="data"), "does not run under --distributed data"),
+    (dict(matryoshka="8,64", distributed="latent"), "does not run under --distributed latent"),
 ])
 def test_matryoshka_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -33,7 +33,7 @@ inline void decode_cut(const std::pair<int32_t, float>* ent, int64_t cnt, const 
   int64_t p = 0;
   for (int64_t s = 0; s < cnt; ++s) {
     const int64_t i = ent[s].first;
-    for (; widths[p] <= i; ++p)
+    for (; p < G - 1 && widths[p] <= i; ++p)
       for (int64_t c = 0; c < width; ++c) o[p * plane + c0 + c] = acc[c];
     const float a = ent[s].second;
     const W* r = Wm + i * d + c0;

@@ -4,7 +4,7 @@
 // ids, in ascending latent order) and a threshold `thr`, the k-th best score so far (-inf until k
 // candidates exist). Only scores > thr are appended, so after the first few hundred latents one vector
 // compare rejects 16 (AVX-512) or 8 (AVX2) scores at a time; with AVX-512 the rare hits are appended by
-// compress-stores, with AVX2 one by one.
+// a register compress and one 16-lane store, with AVX2 one by one.
 // When the buffer is full a stable compaction keeps the best k and raises thr.
 // Order: higher score first, ties to the lower latent index (reference.py). Latents arrive in
 // ascending order, so a later score equal to thr loses to the k-th candidate: `> thr` is exact.
@@ -34,6 +34,18 @@ namespace sae_fast {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline bool is_nan(float a) { return a != a; }
+
+#ifdef SAE_FAST_AVX512
+// Compress in a register, then one full 16-lane store: a compress-store to memory is microcoded on Zen 4
+// (measured: most of the AuxK scan's time). Callers leave 16 slots of room at dst; lanes past the kept
+// ones are scratch (never read: counts say how many slots hold entries).
+inline void compress_store(float* dst, __mmask16 keep, __m512 x) {
+  _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(keep, x));
+}
+inline void compress_store(int32_t* dst, __mmask16 keep, __m512i x) {
+  _mm512_storeu_si512(dst, _mm512_maskz_compress_epi32(keep, x));
+}
+#endif
 // a ranks above b (NaN above every number; nothing above NaN).
 inline bool better(float a, float b) { return !is_nan(b) && !(a <= b); }
 // a and b rank the same.
@@ -56,15 +68,30 @@ inline float kth_largest(const float* v, int64_t count, int64_t k) {
     cur[s] = is_nan(v[s]) ? 0xFFFFFFFFu : u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   }
   int64_t need = k;  // rank of the answer, counted from the top, among the values left in cur
+  int64_t m = count;  // values left
+  next.resize(count);
   for (int shift = 24; shift >= 0; shift -= 8) {
-    uint32_t hist[256] = {};
-    for (const uint32_t key : cur) ++hist[(key >> shift) & 255];
+    // Four interleaved histograms: scores share few top bytes, and one histogram's increments of the
+    // same bin wait on each other (store-to-load forwarding); this loop was most of a compaction.
+    uint32_t h4[4][256] = {};
+    int64_t s = 0;
+    for (; s + 4 <= m; s += 4)
+      for (int q = 0; q < 4; ++q) ++h4[q][(cur[s + q] >> shift) & 255];
+    for (; s < m; ++s) ++h4[0][(cur[s] >> shift) & 255];
     uint32_t bin = 255;
-    for (; bin > 0 && hist[bin] < need; --bin) need -= hist[bin];
-    next.clear();
-    for (const uint32_t key : cur)
-      if (((key >> shift) & 255) == bin) next.push_back(key);
+    for (;; --bin) {
+      const uint32_t h = h4[0][bin] + h4[1][bin] + h4[2][bin] + h4[3][bin];
+      if (bin == 0 || h >= need) break;
+      need -= h;
+    }
+    int64_t w = 0;  // keep the values in the chosen bin, branch-free
+    for (s = 0; s < m; ++s) {
+      const uint32_t key = cur[s];
+      next[w] = key;
+      w += ((key >> shift) & 255) == bin;
+    }
     cur.swap(next);
+    m = w;
   }
   const uint32_t key = cur[0];  // every value left has this key
   const uint32_t u = key ^ ((key & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
@@ -103,8 +130,9 @@ struct RunningTopK {
         const __m512 x = _mm512_loadu_ps(v + s);
         const __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_NLT_UQ);
         const __m512i ids = _mm512_loadu_si512(i + s);
-        _mm512_mask_compressstoreu_ps(v + w, keep, x);
-        _mm512_mask_compressstoreu_epi32(i + w, keep, ids);
+        // Full-width stores at w <= s touch only this block (already loaded) and earlier slots.
+        compress_store(v + w, keep, x);
+        compress_store(i + w, keep, ids);
         w += __builtin_popcount(keep);
       }
       for (; s < count; ++s)
@@ -144,25 +172,34 @@ struct RunningTopK {
     if (count + 16 > cap) compact();
     const __m512i lat = _mm512_add_epi32(_mm512_set1_epi32(base),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    _mm512_mask_compressstoreu_ps(v + count, hit, vals);
-    _mm512_mask_compressstoreu_epi32(i + count, hit, lat);
+    compress_store(v + count, hit, vals);
+    compress_store(i + count, hit, lat);
     count += __builtin_popcount(hit);
     if (count >= k && thr == kNegInf) compact();
   }
 #endif
 
   // The best min(k, count), best first, into out_v / out_i; pads with (-inf, 0) up to k.
+  // Sorted as 64-bit keys, several times faster than a comparator sort at AuxK's k = 192: high half the
+  // inverted order key of the value (-0 as +0, every NaN the top key), low half the slot. The buffer is
+  // in ascending latent order, so ascending keys are: NaN first, then descending values, ties (== or
+  // both NaN, as `same`) to the lower latent.
   void finish(float* out_v, int32_t* out_i) {
     if (count > k) compact();
-    thread_local std::vector<std::pair<float, int32_t>> tmp;
-    tmp.resize(count);
-    for (int64_t s = 0; s < count; ++s) tmp[s] = {v[s], i[s]};
-    std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
-      return better(a.first, b.first) || (same(a.first, b.first) && a.second < b.second);
-    });
+    thread_local std::vector<uint64_t> keys;
+    keys.resize(count);
+    for (int64_t s = 0; s < count; ++s) {
+      const float x = v[s] + 0.f;  // -0 -> +0
+      uint32_t u;
+      std::memcpy(&u, &x, 4);
+      const uint32_t key = is_nan(x) ? 0xFFFFFFFFu : u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+      keys[s] = (static_cast<uint64_t>(~key) << 32) | static_cast<uint64_t>(s);
+    }
+    std::sort(keys.begin(), keys.end());
     for (int64_t s = 0; s < k; ++s) {
-      out_v[s] = s < count ? tmp[s].first : kNegInf;
-      out_i[s] = s < count ? tmp[s].second : 0;
+      const int64_t slot = s < count ? static_cast<int64_t>(keys[s] & 0xFFFFFFFFu) : -1;
+      out_v[s] = slot >= 0 ? v[slot] : kNegInf;
+      out_i[s] = slot >= 0 ? i[slot] : 0;
     }
   }
 };
@@ -254,8 +291,8 @@ inline int64_t scan_threshold(const float* s, const float* bias, const float* cu
     const __mmask16 hit = _mm512_cmp_ps_mask(val, _mm512_loadu_ps(cutoff + j), _CMP_GT_OQ);
     if (!hit) continue;
     if (count + 16 <= cap) {
-      _mm512_mask_compressstoreu_ps(v + count, hit, val);
-      _mm512_mask_compressstoreu_epi32(i + count, hit, _mm512_add_epi32(iota, _mm512_set1_epi32(c0 + j)));
+      compress_store(v + count, hit, val);
+      compress_store(i + count, hit, _mm512_add_epi32(iota, _mm512_set1_epi32(c0 + j)));
       count += __builtin_popcount(hit);
     } else {
       for (__mmask16 h = hit; h; h &= h - 1) {

@@ -32,8 +32,8 @@ def _check_rows(name: str, out: torch.Tensor, keep: torch.Tensor, step: int, exp
 def collect_text(model, tokenizer, layers, texts: Iterable[str], *, ctx_len: int = 128, batch_size: int = 32,
                  max_tokens: int = 200_000, eval_tokens: int = 0, exclude_special: bool = True, seed: int = 0,
                  expected_width=None, folder=None, shard_tokens: int = 65536, dtype: str = "float32",
-                 fingerprint: dict | None = None, progress: bool = True,
-                 sink_factor: float = 0.0) -> tuple[ActivationStore, ActivationStore]:
+                 fingerprint: dict | None = None, progress: bool = True, sink_factor: float = 0.0,
+                 transcode: bool = False) -> tuple[ActivationStore, ActivationStore]:
     """Activations of ``layers`` on ``texts``, as (train store, held-out eval store).
 
     The first ``eval_tokens`` kept tokens go to the eval store and the next ``max_tokens`` to the train
@@ -41,12 +41,13 @@ def collect_text(model, tokenizer, layers, texts: Iterable[str], *, ctx_len: int
     ``exclude_special`` is False; attention sinks (norm over ``sink_factor`` x the batch median, see
     ``sinks.py``) not when ``sink_factor > 0``. The counts of left-out tokens are in ``train.stats``.
     With ``folder`` the stores are written to ``folder/train`` and ``folder/eval`` as sharded
-    safetensors (memory stays bounded); without it they live in memory."""
+    safetensors (memory stays bounded); without it they live in memory. With ``transcode`` each module's
+    input and output are kept, from the same forward pass (``hooks.TARGET_SUFFIX``)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
     device = next(model.parameters()).device
-    with LayerCapture(model, layers) as cap:
-        names = cap.names
+    with LayerCapture(model, layers, transcode=transcode) as cap:
+        names = cap.keys
         root = Path(folder) if folder is not None else None
         train = ActivationStore(names, root / "train" if root else None, shard_tokens, dtype, fingerprint)
         evals = ActivationStore(names, root / "eval" if root else None, max(eval_tokens, 1), dtype, fingerprint)

@@ -4,6 +4,10 @@
 
 The forward pass stops as soon as every hooked module has produced its output (the rest of the model is
 never run), and nothing is differentiated through the model.
+
+For transcoders (``transcode=True``) both ends of each module come out of the one forward pass, named as
+sparsify names them (the hookpoint is the module): ``acts[name]`` is the module's input (its first
+argument) and ``acts[name + TARGET_SUFFIX]`` its output.
 """
 from __future__ import annotations
 
@@ -13,6 +17,19 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+TARGET_SUFFIX = ":out"
+"""A transcoder's target (the module's output) is stored under ``<module name>:out``; the name itself holds
+the module's input, what the transcoder reads."""
+
+
+def module_input(args, kwargs, layer: str = "?") -> Tensor:
+    """The activation a module reads: its first positional argument, or its first tensor keyword argument
+    (``hidden_states=...``)."""
+    for v in list(args) + list((kwargs or {}).values()):
+        if isinstance(v, Tensor):
+            return first_tensor(v, layer)
+    raise TypeError(f"layer {layer!r} was called with no tensor argument: nothing for a transcoder to read")
 
 
 class _AllCaptured(Exception):
@@ -115,25 +132,32 @@ class LayerCapture:
     With ``stop_early`` the forward pass is aborted once all of them have fired; call the model through
     ``run(...)`` so that the abort is caught."""
 
-    def __init__(self, model: nn.Module, layers, stop_early: bool = True):
+    def __init__(self, model: nn.Module, layers, stop_early: bool = True, transcode: bool = False):
         self.model = model
         self.names = resolve_layers(model, layers)
         self.stop_early = stop_early
+        self.transcode = transcode
+        # What run() returns: each name, and with transcode each name's target too (see the module docstring).
+        self.keys = [k for n in self.names for k in ((n, n + TARGET_SUFFIX) if transcode else (n,))]
         self.outputs: dict[str, Tensor] = {}
         self._handles = []
 
     def _hook(self, name):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if name in self.outputs:  # a module called twice: keep its first output
                 return
-            self.outputs[name] = first_tensor(output, name).detach()
-            if self.stop_early and len(self.outputs) == len(self.names):
+            if self.transcode:
+                self.outputs[name] = module_input(args, kwargs, name).detach()
+                self.outputs[name + TARGET_SUFFIX] = first_tensor(output, name).detach()
+            else:
+                self.outputs[name] = first_tensor(output, name).detach()
+            if self.stop_early and len(self.outputs) == len(self.keys):
                 raise _AllCaptured
         return hook
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        self._handles = [modules[n].register_forward_hook(self._hook(n), with_kwargs=True) for n in self.names]
         return self
 
     def __exit__(self, *exc):
@@ -150,14 +174,16 @@ class LayerCapture:
                 self.model(*args, **kwargs)
         except _AllCaptured:
             pass
-        missing = [n for n in self.names if n not in self.outputs]
+        missing = [n for n in self.keys if n not in self.outputs]
         if missing:
             raise ValueError(f"layers {missing} did not run in {type(self.model).__name__}'s forward pass")
         return self.outputs
 
 
-def capture(model: nn.Module, layers, *args, stop_early: bool = True, **kwargs) -> dict[str, Tensor]:
+def capture(model: nn.Module, layers, *args, stop_early: bool = True, transcode: bool = False,
+            **kwargs) -> dict[str, Tensor]:
     """Run ``model(*args, **kwargs)`` once without gradients and return the outputs of the modules named
-    by ``layers`` (names or glob patterns). Works for any ``nn.Module``: text, vision, anything."""
-    with LayerCapture(model, layers, stop_early) as cap:
+    by ``layers`` (names or glob patterns); with ``transcode`` their inputs too (the module docstring).
+    Works for any ``nn.Module``: text, vision, anything."""
+    with LayerCapture(model, layers, stop_early, transcode) as cap:
         return cap.run(*args, **kwargs)

@@ -5,14 +5,16 @@
     provenance.py       device names and slug, versions, git commit, load average
     measure.py          synchronised timing, peak memory, the Row/Result records
     peers.py            what each row runs: sae-fast, EleutherAI sparsify, SAELens (and the autocast-copies SAE)
+    matryoshka.py       the Matryoshka workload's rows (ours beside plain, SAELens' Matryoshka) and its ratio table
     report.py           the text table, Markdown, JSON and PNG of a measurement
     runner.py           building the rows of a workload, running them, `main` of `sae-fast bench`
     roofline.py         the MODEL: kernels, bytes, flops and predicted times per algorithm
     roofline_report.py  `sae-fast bench --model`: its table, JSON and Markdown
 
 Imports point one way: workloads and provenance import nothing of the package; measure and peers import
-workloads; report imports measure; runner imports all of these; roofline imports workloads only (never the
-runner); roofline_report imports roofline, report and workloads. The names below are the package's public face.
+workloads; matryoshka imports peers; report imports measure and matryoshka; runner imports all of these;
+roofline imports workloads only (never the runner); roofline_report imports roofline, report and workloads.
+The names below are the package's public face.
 """
 from .measure import MEMORY_METHOD, PHASE_TITLE, PHASES, Result, Row, measure_phase, peak_memory, sync
 from .peers import Contestant, Harness, NotApplicable, autocast_copies_sae, contestants, sae_fast_harness

@@ -82,9 +82,10 @@ def sae_origin(folder) -> tuple[str | None, str | None]:
     return (model if isinstance(model, str) else None), (hook if isinstance(hook, str) else None)
 
 
-def load_sae_for_model(folder, model, layer):
+def load_sae_for_model(folder, model, layer, transcoders: bool = False):
     """(SAE, scale, layer, model) for ``--sae/--model/--layer``: the model and layer default to the ones
-    recorded in the SAE's cfg.json; naming another model or layer than the recorded one is refused."""
+    recorded in the SAE's cfg.json; naming another model or layer than the recorded one is refused. A
+    transcoder is refused unless ``transcoders`` (the command handles one)."""
     from sae_fast.activations.model import model_id
     from sae_fast.activations.store import _layers_fitting
 
@@ -96,4 +97,7 @@ def load_sae_for_model(folder, model, layer):
         raise ValueError(f"--layer {layer!r}: the SAE in {folder} was trained on layer {recorded_hook!r} (its "
                          "cfg.json); leave --layer out to use that one")
     sae, scale, layer = load_sae_with_scale(folder, layer or recorded_hook)
+    if sae.cfg.transcode and not transcoders:
+        raise ValueError(f"{folder} holds a transcoder (it reads its module's input and predicts its output); "
+                         "this command reads SAEs of a layer's output only (sae-fast eval takes transcoders)")
     return sae, scale, layer, model if model is not None else recorded_model

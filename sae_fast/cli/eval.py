@@ -8,6 +8,7 @@ import sys
 def _eval(args) -> int:
     """Splice the SAE's reconstruction into the model and print how much of the model's loss it keeps."""
     from sae_fast.activations import default_corpus, load_model, read_corpus
+    from sae_fast.activations.normalization import read_target_scale
     from sae_fast.cli.common import load_sae_for_model
     from sae_fast.evaluate import describe, evaluate
 
@@ -16,11 +17,12 @@ def _eval(args) -> int:
             raise ValueError("--tokens and --batch-size must be >= 1 and --ctx-len >= 2")
         if not args.sink_factor >= 0:
             raise ValueError(f"--sink-factor must be >= 0; got {args.sink_factor}")
-        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer)
+        sae, scale, layer, model_name = load_sae_for_model(args.sae, args.model, args.layer, transcoders=True)
         model, tok = load_model(model_name, auto_class="AutoModel" if args.no_lm else "AutoModelForCausalLM")
         texts = default_corpus() if args.corpus is None else read_corpus(args.corpus)
         m = evaluate(model, tok, layer, sae, texts, scale=scale, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                     max_tokens=args.tokens, sink_factor=args.sink_factor, lm=False if args.no_lm else None)
+                     max_tokens=args.tokens, sink_factor=args.sink_factor, lm=False if args.no_lm else None,
+                     target_scale=read_target_scale(args.sae))
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"sae-fast eval: error: {e}", file=sys.stderr)
         return 2
@@ -38,7 +40,8 @@ def _eval(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="CE loss recovered, KL, FVU, L0 of an SAE spliced into its model",
                        description="Run the model over held-out text clean, with the SAE's reconstruction spliced "
-                                   "in at its layer, and with that layer zero- and mean-ablated; print next-token "
+                                   "in at its layer (a transcoder's prediction in place of its module's output), "
+                                   "and with that layer zero- and mean-ablated; print next-token "
                                    "CE for each, CE loss recovered, delta LM loss, KL(clean||spliced), and FVU "
                                    "(one variance over the whole set), L0, dead fraction, cosine, shrinkage. "
                                    "Special tokens, BOS and attention sinks keep their clean activations. The "

@@ -51,7 +51,8 @@ def _report(cfg, summary) -> int:
     for layer, m in summary["layers"].items():
         held = f"on {m['eval_tokens']:,} held-out tokens: " if "fvu" in m else ""
         fvu = f"FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, " if "fvu" in m else ""
-        print(f"{layer} ({m['n_latents']} latents, d={m['d_in']}): final {held}{fvu}dead {m['dead_pct']:.1f}%")
+        width = f"transcoder, input d={m['d_in']} -> output d={m['d_out']}" if "d_out" in m else f"d={m['d_in']}"
+        print(f"{layer} ({m['n_latents']} latents, {width}): final {held}{fvu}dead {m['dead_pct']:.1f}%")
         if "prefix_fvu" in m:
             print("  FVU of each Matryoshka prefix: " + ", ".join(f"{w} latents {v:.4f}" for w, v in m["prefix_fvu"].items()))
         if "spliced" in m:  # a causal LM: the SAE spliced into it (sae_fast.evaluate)

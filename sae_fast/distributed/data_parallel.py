@@ -7,7 +7,8 @@ loss is its share of the global loss (the shares sum to it), and the gradients a
 SUM in one flat bucket before the optimizer step (``attach_grad_sync``). The reported metrics are the
 global values (each output field carries its share's gradient and the global value). Dead-latent
 counters advance by the global batch and reset where any rank fired (all_reduce MAX); BatchTopK's
-threshold EMA uses the global minimum. Every rank then takes the single-process step on the
+threshold EMA uses the global minimum. A Matryoshka SAE's prefix errors are shared the same way (each
+prefix's SSE over the global variance). Every rank then takes the single-process step on the
 concatenated batch, up to float summation order.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
+from ..matryoshka import matryoshka_decode
 from ..sae import SAEOutput, SparseAutoencoder
 from .collectives import all_gather_cat, all_reduce_, merge_top, pad_candidates, rank_world
 from .wrapper import WrapsSAE
@@ -65,8 +67,10 @@ class DataParallelSAE(WrapsSAE):
         if cfg.activation == "topk":
             use_aux = self.training and cfg.k_aux > 0 and torch.is_grad_enabled()
             dead = self.dead_mask if use_aux else None
-            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0)
+            res = ops.topk_sae(xc, W_enc, b_enc, W_dec, b_dec, cfg.k, dead, cfg.k_aux if use_aux else 0,
+                               matryoshka=cfg.matryoshka)
             values, indices, x_hat = res.values, res.indices, res.x_hat
+            prefixes = None if cfg.matryoshka is None else res.prefixes
             if res.aux_values.shape[1]:
                 e_hat = ops.sparse_decode(res.aux_values, res.aux_indices, W_dec, None).float()
         elif cfg.activation == "batchtopk" and (self.training or sae.threshold < 0):
@@ -79,10 +83,12 @@ class DataParallelSAE(WrapsSAE):
             won = merge_top(v, kk, B_g * cfg.k, self.group)[0][:, :lv.numel()].view_as(lv) & (lv > 0)
             values = torch.where(won, lv, torch.zeros((), dtype=lv.dtype, device=x2.device))
             indices = li
-            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
         else:
             values, indices, l0_soft = sae._encode2d(xc, W_enc, b_enc, b_dec, return_l0=True)
-            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+        if cfg.activation != "topk":
+            prefixes = None if cfg.matryoshka is None else matryoshka_decode(values, indices, W_dec, b_dec,
+                                                                             cfg.matryoshka)
+            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec) if prefixes is None else prefixes[-1]
 
         xf, x_hat_f = x2.float(), x_hat.float()
         residual = (xf - x_hat_f).detach() if e_hat is not None else None
@@ -93,10 +99,13 @@ class DataParallelSAE(WrapsSAE):
         aux_sse = (e_hat - residual).pow(2).sum() if e_hat is not None else zero
         l1_sum = ops.decoder_norm_l1(values, indices, W_dec) * B
         l0_sum = (values > 0).sum().float()
+        psse = None if prefixes is None else (prefixes.float() - xf).pow(2).sum((1, 2))  # (G,) prefix SSEs
         parts = torch.stack([(xf - mx).pow(2).sum(), (residual - mr).pow(2).sum() if e_hat is not None else zero,
                              sse.detach(), aux_sse.detach(), l1_sum.detach(), l0_sum,
                              l0_soft.detach().float() * B if l0_soft is not None else zero])
-        var_x, var_r, sse_g, aux_g, l1_g, l0_g, l0s_g = all_reduce_(parts, group=self.group).unbind()
+        if psse is not None:
+            parts = torch.cat([parts, psse.detach()])
+        var_x, var_r, sse_g, aux_g, l1_g, l0_g, l0s_g, *psse_g = all_reduce_(parts, group=self.group).unbind()
         tiny = torch.finfo(torch.float32).tiny
         var_x, var_r = var_x.clamp_min(tiny), var_r.clamp_min(tiny)
         mse = _with_value(sse / B_g, sse_g / B_g)
@@ -104,7 +113,10 @@ class DataParallelSAE(WrapsSAE):
         aux_loss = _with_value(aux_sse / var_r, aux_g / var_r) if e_hat is not None else zero
         l1 = _with_value(l1_sum / B_g, l1_g / B_g)
         l0 = l0_g / B_g
-        if cfg.activation in ("topk", "batchtopk"):
+        prefix_fvu = None if psse is None else _with_value(psse / var_x, torch.stack(psse_g) / var_x)
+        if prefix_fvu is not None:
+            loss = prefix_fvu.sum() + cfg.aux_coeff * aux_loss
+        elif cfg.activation in ("topk", "batchtopk"):
             loss = fvu + cfg.aux_coeff * aux_loss
         elif cfg.activation == "relu":
             loss = mse + cfg.l1_coeff * l1
@@ -113,7 +125,7 @@ class DataParallelSAE(WrapsSAE):
         if self.training:
             self._update_training_state(values, indices, B_g)
         return SAEOutput(x_hat.reshape(*lead, cfg.d_in), values.reshape(*lead, -1), indices.reshape(*lead, -1),
-                         loss, mse, fvu, aux_loss, l1, l0)
+                         loss, mse, fvu, aux_loss, l1, l0, prefix_fvu)
 
     @torch.no_grad()
     def _update_training_state(self, values: Tensor, indices: Tensor, B_g: int) -> None:

@@ -8,7 +8,7 @@ from ..sae import SparseAutoencoder
 
 class WrapsSAE(nn.Module):
     """Forwards the SAE attributes the trainer uses to ``self.inner``: the whole SAE (data parallel) or
-    this rank's shard of it (latent sharded). ``d_in`` and ``n_latents`` are the whole SAE's."""
+    this rank's shard of it (latent sharded). ``d_in``, ``d_out`` and ``n_latents`` are the whole SAE's."""
 
     @property
     def inner(self) -> SparseAutoencoder:
@@ -25,6 +25,14 @@ class WrapsSAE(nn.Module):
     @property
     def n_latents(self) -> int:
         return self.cfg.n_latents
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.inner.unit_norm_decoder
 
     def remove_parallel_grad_(self) -> None:
         self.inner.remove_parallel_grad_()  # per decoder row, linear in the gradient: local, and commutes with sums

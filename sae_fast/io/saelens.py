@@ -43,6 +43,8 @@ SAELENS_SCHEMA_VERSION = "6.0.0"
 
 _SAELENS_ARCHS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 _BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
+# SAELens' transcoder classes (sae_lens.saes.transcoder): ReLU or JumpReLU, with or without W_skip.
+_TRANSCODER_ARCHS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 def _saelens_pre6(cfg: dict) -> dict:
@@ -115,9 +117,11 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     if (_saelens_version(cfg) or 0) < 6:
         cfg = _saelens_pre6(cfg)
     arch = cfg.get("architecture")
+    if arch in _TRANSCODER_ARCHS:
+        return _load_saelens_transcoder(cfg, cfg_path, weights_path, arch, device, dtype)
     if arch not in _SAELENS_ARCHS:
         raise ValueError(f"{cfg_path}: unsupported SAELens architecture {arch!r}; "
-                         f"supported: {', '.join(_SAELENS_ARCHS)}")
+                         f"supported: {', '.join(_SAELENS_ARCHS + _TRANSCODER_ARCHS)}")
     try:
         d, n = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as e:
@@ -193,20 +197,73 @@ def load_saelens(path, device=None, dtype=None, norm_scaling_factor: float | Non
     return SparseAutoencoder.from_weights(sae_cfg, weights, device, dtype, buffers=extra)
 
 
-def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | None = None) -> Path:
+def _load_saelens_transcoder(cfg: dict, cfg_path: Path, weights_path: Path, arch: str, device, dtype):
+    """SAELens' Transcoder / SkipTranscoder / JumpReLU(Skip)Transcoder: ``relu(x @ W_enc + b_enc)`` (JumpReLU:
+    times ``p > threshold``) decoded into d_out, ``+ x @ W_skip.T``; the encoder never subtracts b_dec
+    (SAELens refuses apply_b_dec_to_input for transcoders), as sae-fast's transcoders do."""
+    try:
+        d, n, d_out = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["d_out"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path} must give integer d_in, d_sae and d_out for a SAELens {arch}") from e
+    if cfg.get("apply_b_dec_to_input", False):
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input is true, which SAELens refuses for transcoders")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} on a transcoder: "
+                         "sae-fast loads SAELens transcoders trained on raw activations only")
+    t = read_tensors(weights_path)
+    file_dtype = t["W_enc"].dtype if "W_enc" in t else torch.float32
+    weights = {"W_enc": take(t, "W_enc", (d, n), weights_path, "d_in, d_sae").T.contiguous(),
+               "b_enc": take(t, "b_enc", (n,), weights_path, "d_sae"),
+               "W_dec": take(t, "W_dec", (n, d_out), weights_path, "d_sae, d_out"),
+               "b_dec": take(t, "b_dec", (d_out,), weights_path, "d_out")}
+    skip = "skip" in arch
+    if skip:
+        weights["W_skip"] = take(t, "W_skip", (d_out, d), weights_path, "d_out, d_in")
+    fields = {"d_in": d, "n_latents": n, "d_out": d_out, "transcode": True, "skip_connection": skip,
+              "activation": "relu"}
+    if arch.startswith("jumprelu"):
+        theta = take(t, "threshold", (n,), weights_path, "d_sae")
+        # relu(p) * (p > threshold): a threshold <= 0 acts as 0, and log(0) = -inf keeps that exact.
+        weights["log_threshold"] = theta.to(torch.promote_types(theta.dtype, torch.float32)).clamp_min(0).log()
+        fields["activation"] = "jumprelu"
+    no_leftovers(t, weights_path, f"a SAELens {arch}")
+    try:
+        sae_cfg = SAEConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    dtype = parse_dtype(dtype if dtype is not None else cfg.get("dtype"), file_dtype)
+    return SparseAutoencoder.from_weights(sae_cfg, weights, device, dtype)
+
+
+def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | None = None,
+                 target_scale: float | None = None) -> Path:
     """Write ``sae`` as a SAELens inference SAE (``cfg.json`` + ``sae_weights.safetensors``), atomically.
 
     topk -> topk, relu -> standard, jumprelu -> jumprelu, batchtopk -> jumprelu with its learned global
     threshold (what SAELens itself saves for BatchTopK and Matryoshka BatchTopK; a Matryoshka SAE's prefix
     widths are a training setting and are not written). ``metadata`` (model_name, hook_name, ...) goes into
     the cfg's metadata. ``act_scale``: the activation scale the SAE was trained with, folded into the weights
-    (``fold_activation_scale``) so the file reads raw model activations."""
-    if act_scale is not None:
-        sae = fold_activation_scale(sae, act_scale)
+    (``fold_activation_scale``) so the file reads raw model activations (a transcoder's target may have its own
+    ``target_scale``). Transcoders: relu -> transcoder, jumprelu/batchtopk -> jumprelu_transcoder (``skip_``
+    with W_skip); SAELens has no top-k transcoder."""
     act = sae.cfg.activation
+    tc = sae.cfg.transcode
+    if tc and act == "topk":
+        raise ValueError("SAELens has no top-k transcoder class (only ReLU and JumpReLU transcoders); save this "
+                         "transcoder as sparsify (save_sparsify), or train it with activation relu, jumprelu or batchtopk")
+    if sae.cfg.skip_connection and not tc:
+        raise ValueError("SAELens has skip connections on transcoders only; this SAE (transcode=False) has W_skip")
+    if act_scale is not None:
+        sae = fold_activation_scale(sae, act_scale, target_scale)
     sd = {k: v.detach() for k, v in sae.state_dict().items()}
     tensors = {"W_enc": sd["W_enc"].T, "b_enc": sd["b_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
     cfg = {"architecture": {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[act]}
+    if tc:  # relu -> transcoder, jumprelu and batchtopk (its learned threshold) -> jumprelu_transcoder
+        cfg["architecture"] = ("jumprelu_" if act != "relu" else "") + ("skip_" if sae.cfg.skip_connection else "") \
+            + "transcoder"
+        cfg["d_out"] = sae.cfg.d_out
+        if sae.cfg.skip_connection:
+            tensors["W_skip"] = sd["W_skip"]
     if act == "topk":
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     elif act == "jumprelu":
@@ -219,7 +276,7 @@ def save_saelens(sae, path, metadata: dict | None = None, act_scale: float | Non
         tensors["threshold"] = torch.full_like(sd["b_enc"], thr)
     dtype = sd["W_enc"].dtype
     cfg.update(d_in=sae.cfg.d_in, d_sae=sae.cfg.n_latents, dtype=str(dtype).removeprefix("torch."), device="cpu",
-               apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
+               apply_b_dec_to_input=not tc, normalize_activations="none", reshape_activations="none",
                metadata={"sae_lens_version": SAELENS_SCHEMA_VERSION, "sae_lens_training_version": None,
                          **(metadata or {})})
     tensors = {k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}

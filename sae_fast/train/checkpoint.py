@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from ..activations.hooks import TARGET_SUFFIX
 from ..activations.normalization import save_normalization
 from ..folders import atomic_dir_write, load_sae, read_tensors
 from ..sae import save_sae
@@ -70,12 +71,15 @@ def save_checkpoint(root, step: int, state: dict, saes: dict, optimizers: dict, 
             for key, value in st.items():
                 t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                 tensors[f"{layer}/{i}/{key}"] = t.detach().contiguous().cpu()
-    meta = {"format": FORMAT, "step": step, **state, "layers": list(saes), "scales": scales}
+    # A transcoder's target has its own scale, under the store's key for it (<layer>:out).
+    targets = {n + TARGET_SUFFIX: scales[n + TARGET_SUFFIX] for n, sae in saes.items() if sae.cfg.transcode}
+    meta = {"format": FORMAT, "step": step, **state, "layers": list(saes), "scales": {n: scales[n] for n in saes},
+            **({"target_scales": targets} if targets else {})}
 
     def write(tmp: Path):
         for layer, sae in saes.items():
             save_sae(sae, tmp / layer)
-            save_normalization(tmp / layer, layer, scales[layer], sae.d_in)
+            save_normalization(tmp / layer, layer, scales[layer], sae.d_in, target_scale=targets.get(layer + TARGET_SUFFIX))
         save_file(tensors, str(tmp / TRAINER_FILE))
         meta["files"] = {name: _sha256(tmp / name) for name in _files(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")  # last: it vouches for the others

@@ -75,7 +75,14 @@ class TrainConfig:
     matryoshka: Optional[str] = None
     """topk, batchtopk: train a Matryoshka SAE with these cumulative prefix widths, comma-separated, the last =
     the number of latents (e.g. 128,512,3072; SAELens' matryoshka_widths). The loss sums every prefix's FVU; the
-    final metrics give each prefix's held-out FVU. The step runs unfused."""
+    final metrics give each prefix's held-out FVU. All prefixes come from one decode; the step is fused."""
+    transcode: bool = False
+    """Train a transcoder: read each --layer module's input and predict its output (sparsify's convention: the
+    hookpoint names the module; e.g. --layer model.layers.15.mlp). Both ends come from one model forward and are
+    cached together; each gets its own activation scale. The encoder reads x itself (no b_dec), W_dec starts at
+    0 and keeps no unit norm, as in sparsify; the loss is the target's FVU plus AuxK on its residual."""
+    skip_connection: bool = False
+    """With --transcode: add a learned linear skip term W_skip x (W_skip (d_out, d_in), zero at init)."""
 
     # ---------------------------------------------------------------- optimisation
     lr: float = 1e-3
@@ -175,6 +182,18 @@ class TrainConfig:
             raise ValueError(f"--distributed must be none, data, latent or layers; got {self.distributed!r}")
         if self.matryoshka is not None:
             _ = self.matryoshka_widths  # parses and checks it
+        for name in ("transcode", "skip_connection"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} must be true or false; got {getattr(self, name)!r}")
+        if self.skip_connection and not self.transcode:
+            raise ValueError("--skip-connection needs --transcode (a skip connection maps a module's input to its output)")
+        if self.transcode and self.matryoshka is not None:
+            raise ValueError("--transcode with --matryoshka is not supported; drop one of them")
+        if self.transcode and self.export == "saelens" and self.activation == "topk":
+            raise ValueError("--export saelens with --transcode needs --activation relu, jumprelu or batchtopk: "
+                             "SAELens has no top-k transcoder (--export sparsify takes top-k ones)")
+        if self.transcode and self.distributed in ("data", "latent"):
+            raise ValueError(f"--transcode does not run under --distributed {self.distributed} yet")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype must be auto, fp32 or bf16; got {self.dtype!r}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
@@ -191,8 +210,8 @@ class TrainConfig:
             return None
         if self.activation not in ("topk", "batchtopk"):
             raise ValueError(f"--matryoshka needs --activation topk or batchtopk; got {self.activation!r}")
-        if self.distributed in ("data", "latent"):
-            raise ValueError(f"--matryoshka does not run under --distributed {self.distributed} yet")
+        if self.distributed == "latent":
+            raise ValueError("--matryoshka does not run under --distributed latent yet")
         try:
             m = self.matryoshka
             widths = [int(w) for w in (m.split(",") if isinstance(m, str) else m)]  # a list from Python too

@@ -20,9 +20,10 @@ def has_lm_head(name) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (cfg.architectures or []))
 
 
-def splice_eval(cfg, saes: dict, scales: dict, device, log=print) -> dict | None:
+def splice_eval(cfg, saes: dict, scales: dict, device, log=print, target_scales: dict | None = None) -> dict | None:
     """{layer: evaluate(...) numbers} over the first ``cfg.eval_tokens`` tokens of the corpus (the windows
-    the held-out activations came from), or None when the model has no LM head or eval_tokens is 0."""
+    the held-out activations came from), or None when the model has no LM head or eval_tokens is 0. A
+    transcoder's prediction replaces its module's output (``target_scales``: each one's target scale)."""
     from ..evaluate import evaluate
 
     if not cfg.eval_tokens or not has_lm_head(cfg.model):
@@ -34,6 +35,7 @@ def splice_eval(cfg, saes: dict, scales: dict, device, log=print) -> dict | None
         texts = default_corpus() if cfg.corpus is None else read_corpus(cfg.corpus)
         sae.eval()
         out[layer] = evaluate(model, tok, layer, sae, texts, scale=scales[layer], ctx_len=cfg.ctx_len,
+                              target_scale=(target_scales or {}).get(layer),
                               batch_size=min(cfg.model_batch, 8), max_tokens=cfg.eval_tokens,
                               sink_factor=cfg.sink_factor, exclude_special=cfg.exclude_special_tokens,
                               progress=cfg.progress)

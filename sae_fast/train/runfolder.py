@@ -6,8 +6,11 @@ taken over; a live holder makes the second run fail at once, naming its pid.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+
+from .config import TrainConfig
 
 try:
     import fcntl
@@ -69,13 +72,16 @@ def _same_path(a, b) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def trajectory_changes(saved: dict, now: dict) -> list[str]:
     """'name: old -> new' for every setting that would change the trajectory of a resumed run."""
     changes = []
     for key in sorted(now):
         if key in FREE_ON_RESUME:
             continue
-        old, new = saved.get(key), now[key]
+        old, new = saved.get(key, _FIELD_DEFAULTS.get(key)), now[key]  # a setting newer than the checkpoint: its default
         if key in _PATH_FIELDS and _same_path(old, new):
             continue
         if old != new:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import ops
 from ..activations import ActivationStore, collect_text, default_corpus, load_model, read_corpus
-from ..activations.hooks import capture, middle_layer, resolve_layers
+from ..activations.hooks import TARGET_SUFFIX, capture, middle_layer, resolve_layers
 from ..activations.model import DEFAULT_MODEL_NAME, default_layer, default_model_path, model_id
 from ..activations.normalization import save_normalization
 from ..checks import deferred_finite_checks, raise_if_nonfinite
@@ -70,7 +70,15 @@ class Trainer:
         return {"model": model, "layer": c.layer, "corpus": c.corpus, "ctx_len": c.ctx_len, "max_tokens": c.token_budget,
                 "eval_tokens": c.eval_tokens, "exclude_special_tokens": c.exclude_special_tokens,
                 "cache_dtype": c.cache_dtype, "shard_tokens": c.shard_tokens, "model_batch": c.model_batch,
-                "sink_factor": c.sink_factor}
+                "sink_factor": c.sink_factor, **({"transcode": True} if c.transcode else {})}  # inputs cached too
+
+    def _target(self, layer: str) -> str | None:
+        """The store key of a transcoder's target (the module's output); None for an SAE."""
+        return layer + TARGET_SUFFIX if self.cfg.transcode else None
+
+    def _sae_layers(self, keys) -> list[str]:
+        """The hooked modules among a store's keys (a transcoder's targets left out)."""
+        return [k for k in keys if not k.endswith(TARGET_SUFFIX)]
 
     def load_data(self) -> tuple[ActivationStore, ActivationStore]:
         """Activations for this run: from ``cache_dir`` when it holds a matching store, else collected now
@@ -98,8 +106,9 @@ class Trainer:
         else:
             layer = c.layer
         layers = resolve_layers(model, layer)
-        probe = capture(model, layers, **{k: v.to(self.device) for k, v in tokenizer("probe", return_tensors="pt").items()})
-        self.check_widths({n: t.shape[-1] for n, t in probe.items()})  # k vs n before collecting
+        probe = capture(model, layers, transcode=c.transcode,
+                        **{k: v.to(self.device) for k, v in tokenizer("probe", return_tensors="pt").items()})
+        self.check_widths({n: probe[n].shape[-1] for n in self._sae_layers(probe)})  # k vs n before collecting
         texts = default_corpus() if c.corpus is None else read_corpus(c.corpus)
         self.log(f"corpus: {'Python docs (pydoc_data.topics) + stdlib sources' if c.corpus is None else c.corpus}; "
                  f"layers: {', '.join(layers)}")
@@ -108,7 +117,7 @@ class Trainer:
                 model, tokenizer, layers, texts, ctx_len=c.ctx_len, batch_size=c.model_batch, max_tokens=c.token_budget,
                 eval_tokens=c.eval_tokens, exclude_special=c.exclude_special_tokens, seed=0, folder=c.cache_dir,
                 shard_tokens=c.shard_tokens, dtype=c.cache_dtype, fingerprint=fingerprint, progress=c.progress,
-                sink_factor=c.sink_factor)
+                sink_factor=c.sink_factor, transcode=c.transcode)
         except (OSError, SafetensorError) as e:
             if c.cache_dir and is_disk_full(e):
                 raise disk_full_error(c.cache_dir) from e
@@ -132,11 +141,12 @@ class Trainer:
                 raise ValueError(f"--matryoshka's last width must be the {n_latents} latents of layer {n!r} "
                                  f"(--expansion {c.expansion} x width {d}); got {c.matryoshka!r}")
 
-    def _make_sae(self, d: int) -> SparseAutoencoder:
+    def _make_sae(self, d: int, d_out: int | None = None) -> SparseAutoencoder:
         c = self.cfg
         sae_cfg = SAEConfig(d_in=d, n_latents=c.n_latents or c.expansion * d, activation=c.activation, k=c.k,
                             l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, k_aux=c.k_aux, aux_coeff=c.aux_coeff,
-                            dead_tokens=c.dead_tokens, matryoshka=c.matryoshka_widths)
+                            dead_tokens=c.dead_tokens, matryoshka=c.matryoshka_widths, transcode=c.transcode,
+                            d_out=d_out, skip_connection=c.skip_connection)
         return self.dist.make_sae(sae_cfg, self.device, c.seed)  # a shard / data-parallel wrapper when distributed
 
     def total_steps(self, n_rows: int) -> int:
@@ -209,12 +219,13 @@ class Trainer:
             return self._finished(ckpt)
         train, evals = self.dist.load_data(self.load_data)
         self._check_held_out(evals)
-        self.check_widths(train.widths)
-        layers, scales = train.layers, train.scales() if c.normalize else {n: 1.0 for n in train.layers}
+        self.check_widths({n: train.widths[n] for n in self._sae_layers(train.layers)})
+        layers, scales = self._sae_layers(train.layers), train.scales() if c.normalize else {n: 1.0 for n in train.layers}
         layers = self.dist.own_layers(layers)
         total = self.total_steps(train.n_rows)
         micro = c.batch_tokens // c.grad_accum
-        saes = {n: self._make_sae(train.widths[n]) for n in layers}
+        saes = {n: self._make_sae(train.widths[n], train.widths[self._target(n)] if c.transcode else None)
+                for n in layers}
         bf16 = c.dtype == "bf16" or (c.dtype == "auto" and self.device.type == "cuda")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         opts, fused = self._optimizers(saes, autocast)
@@ -240,7 +251,9 @@ class Trainer:
                                        normalize=c.normalize, device=self.device))
             with torch.no_grad():  # start b_dec at the data mean: the SAE then models deviations from it
                 for n in layers:
-                    saes[n].b_dec.copy_(first[n].mean(0))
+                    saes[n].b_dec.copy_(first[self._target(n) or n].mean(0))
+                    if c.transcode:  # and centre the pre-activations on the input's mean, as sparsify does
+                        saes[n].b_enc.copy_(-saes[n].W_enc @ first[n].mean(0))
         if self.dist.writes_files:
             atomic_write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
         metrics = MetricsLog(self.dist.metrics_path(self.out / "metrics.jsonl"), resume_step=step if step else None)
@@ -260,22 +273,24 @@ class Trainer:
                 for n in layers:
                     for group in opts[n].param_groups:
                         group["lr"] = lr
+                    y = batch[self._target(n)] if c.transcode else None
                     if fused:
-                        out = opts[n].step_fused(batch[n], weight)
+                        out = opts[n].step_fused(batch[n], weight, target=y)
                     else:
                         with autocast:
-                            out = saes[n](batch[n])
+                            # the distributed wrappers take x only (they refuse transcoders at config time)
+                            out = saes[n](batch[n]) if y is None else saes[n](batch[n], target=y)
                         (training_loss(saes[n], out, weight) / c.grad_accum).backward()
                     acc = sums[n]
                     for key in ("loss", "fvu", "l0", "aux_loss", "l1", "mse"):  # on the device: no sync per step
                         acc[key] = acc.get(key, 0.0) + getattr(out, key).detach().float() / c.grad_accum
             for n in layers if not fused else ():
                 sae, opt = saes[n], opts[n]
-                if c.activation in _DECODER_UNIT_NORM:
+                if sae.unit_norm_decoder:
                     sae.remove_parallel_grad_()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if c.activation in _DECODER_UNIT_NORM:
+                if sae.unit_norm_decoder:
                     sae.normalize_decoder_()
             step += 1
             since += 1
@@ -337,9 +352,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and outputs
     @torch.no_grad()
-    def evaluate(self, sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096) -> dict:
+    def evaluate(self, sae: SparseAutoencoder, x: torch.Tensor, batch: int = 4096, y: torch.Tensor | None = None) -> dict:
         """FVU over the whole held-out set (one variance, not a mean of batch FVUs) and mean L0; for a Matryoshka
-        SAE also each prefix's FVU, ``prefix_fvu`` {width: FVU}."""
+        SAE also each prefix's FVU, ``prefix_fvu`` {width: FVU}. A transcoder is scored against its target ``y``."""
         was_training = sae.training
         sae.eval()
         err = l0 = 0.0
@@ -347,14 +362,16 @@ class Trainer:
         prefix_err = torch.zeros(len(widths or ()), dtype=torch.float64)
         for s in range(0, x.shape[0], batch):
             xb = x[s:s + batch]
-            out = sae(xb)
-            err += float((out.x_hat.float() - xb).pow(2).sum())
+            yb = None if y is None else y[s:s + batch]
+            out = sae(xb) if yb is None else sae(xb, target=yb)
+            err += float((out.x_hat.float() - (xb if yb is None else yb)).pow(2).sum())
             l0 += float((out.values > 0).sum())
             if widths:
                 p = prefix_reconstructions(out.values, out.indices, sae.W_dec, sae.b_dec, widths, out.x_hat)
                 prefix_err += (p.float() - xb).pow(2).sum((1, 2)).double().cpu()
         sae.train(was_training)
-        var = max(float((x - x.mean(0)).pow(2).sum()), 1e-30)
+        t = x if y is None else y
+        var = max(float((t - t.mean(0)).pow(2).sum()), 1e-30)
         result = {"fvu": err / var, "l0": l0 / x.shape[0]}
         if widths:
             result["prefix_fvu"] = {str(m): float(e) / var for m, e in zip(widths, prefix_err)}
@@ -365,16 +382,18 @@ class Trainer:
         if c.export == "saelens":
             for n, sae in saes.items():
                 save_saelens(sae, self.out / "export" / "saelens" / n, act_scale=scales[n],
+                             target_scale=scales[self._target(n)] if c.transcode else None,
                              metadata={"model_name": c.model or DEFAULT_MODEL_NAME, "hook_name": n})
         if c.export == "sparsify":
-            save_sparsify(saes, self.out / "export" / "sparsify", act_scale=scales)
+            save_sparsify(saes, self.out / "export" / "sparsify", act_scale={n: scales[n] for n in saes},
+                          target_scale={n: scales[self._target(n)] for n in saes} if c.transcode else None)
 
     def _finished(self, ckpt) -> dict:
         """--resume on a finished run: nothing to train; write an --export it did not have yet."""
         self.log(f"the run in {self.out} has already finished ({ckpt.meta['step']} steps): nothing to resume")
         if self.cfg.export != "none" and not (self.out / "export" / self.cfg.export).exists():
             self.log(f"writing the --export {self.cfg.export} it did not have")
-            self._export(ckpt.saes, ckpt.meta["scales"])
+            self._export(ckpt.saes, {**ckpt.meta["scales"], **ckpt.meta.get("target_scales", {})})
         return {**json.loads((self.out / "summary.json").read_text()), "finished_before": True}
 
     def _finish(self, saes: dict, evals: ActivationStore, scales: dict, step: int, total: int) -> dict:
@@ -385,15 +404,20 @@ class Trainer:
         for n, sae in saes.items():
             final = {"d_in": sae.d_in, "n_latents": sae.n_latents, "activation_scale": scales[n],
                      "dead_pct": 100.0 * float(sae.dead_mask.float().mean())}
+            t = self._target(n)
+            if t is not None:
+                final.update(d_out=sae.d_out, target_scale=scales[t])
             if held_out is not None:
                 x = held_out[n].to(self.device, torch.float32) * scales[n]
-                final.update(self.evaluate(sae, x), eval_tokens=x.shape[0])
+                y = None if t is None else held_out[t].to(self.device, torch.float32) * scales[t]
+                final.update(self.evaluate(sae, x, y=y), eval_tokens=x.shape[0])
             folder = self.out / "sae" / n
             save_sae(sae, folder, metadata={"model": model_id(c.model), "hook": n})
-            save_normalization(folder, n, scales[n], sae.d_in)
+            save_normalization(folder, n, scales[n], sae.d_in, target_scale=None if t is None else scales[t])
             summary["layers"][n] = final
         self._export(saes, scales)
-        spliced = splice_eval(c, saes, scales, self.device, self.log)  # causal LMs only
+        targets = {n: scales[self._target(n)] for n in saes} if c.transcode else None
+        spliced = splice_eval(c, saes, scales, self.device, self.log, target_scales=targets)  # causal LMs only
         for n, m in (spliced or {}).items():
             summary["layers"][n]["spliced"] = m
             atomic_write_text(self.out / "sae" / n / "eval.json", json.dumps(m, indent=2) + "\n")
@@ -403,7 +427,7 @@ class Trainer:
                 summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
                                                   title=f"{c.model or DEFAULT_MODEL_NAME} | {c.activation}",
                                                   held_out={n: m.get("fvu") for n, m in summary["layers"].items()},
-                                                  show_loss=c.activation not in _DECODER_UNIT_NORM))
+                                                  show_loss=c.activation not in _DECODER_UNIT_NORM or c.transcode))
             except ImportError:
                 self.log("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return summary
