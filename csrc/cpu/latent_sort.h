@@ -1,6 +1,6 @@
-// The latent-sorted structure shared by the backward (sparse_ops.cpp) and the fused training step
-// (fused_step.cpp): a stable counting sort of a batch's entries by latent, then one thread per latent
-// reduces that latent's entries in entry order. Every sum has one order, whatever the thread count.
+// The latent-sorted structure shared by the backward (sparse_ops.cpp, matryoshka.cpp) and the fused
+// training step (fused_step.cpp): a stable counting sort of a batch's entries by latent, then one thread
+// per latent reduces that latent's entries in entry order. Every sum has one order, whatever the thread count.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -209,6 +209,46 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return s;
 }
 #endif
+
+// The latent-sorted backward (sparse_ops.cpp's latent_backward; matryoshka.cpp's, whose decoder rows come
+// from each latent's group): one thread owns a latent, and its dW_enc, db_enc and dW_dec rows are summed
+// in entry (= row) order and written once, zeros included, so the result is bitwise the same for any
+// thread count. A latent's row offsets and coefficients are gathered once (an entry's row is entry / K:
+// one division per entry, not one per entry and column block). decoder_rows(i): the (B, d) rows that
+// latent i's dW_dec reduces. Returns the bad-index count of the sort (nothing written when it is not 0).
+template <typename O, typename DecoderRows>
+inline int64_t sorted_latent_backward(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
+                                      const float* xc, const float* v, DecoderRows decoder_rows, O* dW_enc,
+                                      O* db_enc, O* dW_dec, int threads) {
+  std::vector<int64_t> start, entry;
+  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, nullptr, dp, v);
+  if (bad) return bad;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> roff;
+    std::vector<float> cw, cv;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* ent = entry.data() + start[i];
+      const int64_t cnt = start[i + 1] - start[i];
+      roff.resize(cnt);
+      for (int64_t s = 0; s < cnt; ++s) roff[s] = (ent[s] / K) * d;
+      if (dp) {
+        cw.resize(cnt);
+        float bias = 0.f;
+        for (int64_t s = 0; s < cnt; ++s) bias += (cw[s] = dp[ent[s]]);
+        reduce_row(roff.data(), cw.data(), cnt, xc, d, dW_enc + i * d);
+        narrow(bias, db_enc[i]);
+      }
+      if (v) {
+        cv.resize(cnt);
+        for (int64_t s = 0; s < cnt; ++s) cv[s] = v[ent[s]];
+        reduce_row(roff.data(), cv.data(), cnt, decoder_rows(i), d, dW_dec + i * d);
+      }
+    }
+  }
+  return 0;
+}
 
 }  // namespace detail
 }  // namespace sae_fast

@@ -11,8 +11,6 @@ namespace sae_fast {
 namespace {
 
 using detail::narrow;
-using detail::reduce_row;
-using detail::sort_by_latent;
 using detail::widen;
 
 // g(i): the number of prefix widths <= i (widths ascend; G is small, a linear scan beats a search).
@@ -89,36 +87,9 @@ template <typename O>
 int64_t latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
                           const float* xc, const float* v, const float* S, const int64_t* widths, int64_t G,
                           O* dW_enc, O* db_enc, O* dW_dec, int threads) {
-  std::vector<int64_t> start, entry;
-  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, nullptr, dp, v);
-  if (bad) return bad;
-  // As sparse_ops.cpp's latent_backward: one thread owns a latent and writes its rows once, zeros included;
-  // the only change is the decoder rows' block, S[g(i)], fixed per latent.
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<int64_t> roff;
-    std::vector<float> cw, cv;
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t* ent = entry.data() + start[i];
-      const int64_t cnt = start[i + 1] - start[i];
-      roff.resize(cnt);
-      for (int64_t s = 0; s < cnt; ++s) roff[s] = (ent[s] / K) * d;
-      if (dp) {
-        cw.resize(cnt);
-        float bias = 0.f;
-        for (int64_t s = 0; s < cnt; ++s) bias += (cw[s] = dp[ent[s]]);
-        reduce_row(roff.data(), cw.data(), cnt, xc, d, dW_enc + i * d);
-        narrow(bias, db_enc[i]);
-      }
-      if (v) {
-        cv.resize(cnt);
-        for (int64_t s = 0; s < cnt; ++s) cv[s] = v[ent[s]];
-        reduce_row(roff.data(), cv.data(), cnt, S + group_of(i, widths, G) * B * d, d, dW_dec + i * d);
-      }
-    }
-  }
-  return 0;
+  // A latent's decoder rows are its group's S_g, fixed per latent.
+  const auto decoder_rows = [=](int64_t i) { return S + group_of(i, widths, G) * B * d; };
+  return detail::sorted_latent_backward(idx, B, K, n, d, dp, xc, v, decoder_rows, dW_enc, db_enc, dW_dec, threads);
 }
 
 }  // namespace

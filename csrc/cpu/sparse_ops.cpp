@@ -119,45 +119,12 @@ int64_t gather_dot(const float* g, const int32_t* idx, const void* W, bool bf16,
 
 namespace {
 
-using detail::reduce_row;
-using detail::sort_by_latent;
-
 template <typename O>
 int64_t latent_backward_t(const int32_t* idx, int64_t B, int64_t K, int64_t n, int64_t d, const float* dp,
                        const float* xc, const float* v, const float* g, O* dW_enc, O* db_enc, O* dW_dec,
                        int threads) {
-  std::vector<int64_t> start, entry;
-  const int64_t bad = sort_by_latent(idx, B * K, n, threads, start, entry, nullptr, dp, v);
-  if (bad) return bad;
-  // One thread owns a latent: its dW_enc, db_enc and dW_dec rows are summed in entry (= row) order and
-  // written once, zeros included, so the result is bitwise the same for any thread count. A latent's row
-  // offsets and coefficients are gathered once (an entry's row is entry / K: one division per entry,
-  // not one per entry and column block).
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<int64_t> roff;
-    std::vector<float> cw, cv;
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t* ent = entry.data() + start[i];
-      const int64_t cnt = start[i + 1] - start[i];
-      roff.resize(cnt);
-      for (int64_t s = 0; s < cnt; ++s) roff[s] = (ent[s] / K) * d;
-      if (dp) {
-        cw.resize(cnt);
-        float bias = 0.f;
-        for (int64_t s = 0; s < cnt; ++s) bias += (cw[s] = dp[ent[s]]);
-        reduce_row(roff.data(), cw.data(), cnt, xc, d, dW_enc + i * d);
-        narrow(bias, db_enc[i]);
-      }
-      if (v) {
-        cv.resize(cnt);
-        for (int64_t s = 0; s < cnt; ++s) cv[s] = v[ent[s]];
-        reduce_row(roff.data(), cv.data(), cnt, g, d, dW_dec + i * d);
-      }
-    }
-  }
-  return 0;
+  const auto decoder_rows = [g](int64_t) { return g; };  // every latent's decoder rows reduce g
+  return detail::sorted_latent_backward(idx, B, K, n, d, dp, xc, v, decoder_rows, dW_enc, db_enc, dW_dec, threads);
 }
 
 }  // namespace
