@@ -38,7 +38,7 @@ from .folders import (
     write_weights_and_config,
 )
 from .matryoshka import matryoshka_decode, prefix_fvus
-from .sae_config import ACTIVATIONS, Activation, SAEConfig  # noqa: F401 (SAEConfig and the names live here too)
+from .sae_config import ACTIVATIONS, Activation, ConfigShape, SAEConfig  # noqa: F401 (SAEConfig and the names live here too)
 
 FORMAT = "sae-fast"
 WEIGHTS_FILE = "sae.safetensors"
@@ -56,7 +56,7 @@ class SAEOutput(NamedTuple):
     prefix_fvu: Optional[Tensor] = None  # (G,) FVU of each Matryoshka prefix (None for a plain SAE)
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(ConfigShape, nn.Module):
     """A sparse autoencoder whose encode/decode run on sae_fast's fused kernels.
 
     >>> sae = SparseAutoencoder(d_in=768, n_latents=32768, activation="topk", k=32)
@@ -91,23 +91,7 @@ class SparseAutoencoder(nn.Module):
         self._dead_budget = -1  # dead_bound() reads the counters again once this many tokens are used up
 
     # ------------------------------------------------------------------ properties
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def n_latents(self) -> int:
-        return self.cfg.n_latents
-
-    @property
-    def d_out(self) -> int:
-        return self.cfg.d_out
-
-    @property
-    def unit_norm_decoder(self) -> bool:
-        """TopK/BatchTopK SAEs keep unit-norm decoder rows; transcoders do not (their W_dec carries the
-        output's scale, as in sparsify)."""
-        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.transcode
+    # d_in, n_latents, d_out, unit_norm_decoder: from cfg (ConfigShape)
 
     @property
     def dead_mask(self) -> Tensor:

@@ -1,5 +1,6 @@
 """SAEConfig: an SAE's shape, activation, losses' weights and architecture (Matryoshka prefixes,
-transcoders), each field checked at construction so a bad argument or cfg.json fails naming the field."""
+transcoders), each field checked at construction so a bad argument or cfg.json fails naming the field;
+and ConfigShape, the properties that every module holding one derives from it."""
 from __future__ import annotations
 
 import math
@@ -98,3 +99,28 @@ class SAEConfig:
     def from_dict(cls, d: dict) -> SAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class ConfigShape:
+    """The shape and decoder constraint of a module that holds its SAEConfig as ``self.cfg``: the
+    SparseAutoencoder, and the distributed wrappers (which report the whole SAE's)."""
+
+    cfg: SAEConfig
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """TopK/BatchTopK SAEs keep unit-norm decoder rows; transcoders do not (their W_dec carries the
+        output's scale, as in sparsify)."""
+        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.transcode
